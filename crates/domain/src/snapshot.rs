@@ -1,0 +1,392 @@
+//! The account snapshot and the fold that produces it.
+//!
+//! Semantics (the contract's "Projection semantics"):
+//! - one snapshot per `data.account`, carrying the `data.user` of the events folded into it;
+//! - a `resource` replaces the snapshot's resource only if its `updated_at` is a later instant than the
+//!   snapshot's; on a tie the snapshot stays; when either side has no parseable `updated_at`, the
+//!   resource applies in log order;
+//! - `accounts.removed` is terminal: later events count in `version` and `last_*`, nothing else;
+//! - `version` counts the distinct events folded (the log stores a redelivery as a delivery of the
+//!   original event, never as an event, so it cannot reach the fold);
+//! - `connection_status` is the applied resource's `connection.status`; an event without a resource
+//!   implies one by its name (added → connecting, connected → connected, failed → error). A resource
+//!   that loses the `updated_at` comparison is stale and implies nothing.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::envelope::{Envelope, EventKind};
+
+/// One event as the log holds it: its position, when it was received, and what it said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedEvent {
+    /// Position in the log; the fold sees events in increasing position.
+    pub position: i64,
+    /// When the log received the event (the database's clock, never the fold's).
+    pub received_at: DateTime<Utc>,
+    /// The parsed body.
+    pub envelope: Envelope,
+}
+
+/// Whether the account still exists at Argyle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    Active,
+    Removed,
+}
+
+impl AccountStatus {
+    /// The name used in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Removed => "removed",
+        }
+    }
+
+    /// Parses [`AccountStatus::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "removed" => Some(Self::Removed),
+            _ => None,
+        }
+    }
+}
+
+/// What the log says about one account, folded up to `last_position`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountSnapshot {
+    pub account_id: Uuid,
+    pub user_id: Uuid,
+    pub status: AccountStatus,
+    /// Last known `connection.status`; Argyle may add values, so it is kept as sent.
+    pub connection_status: Option<String>,
+    /// The newest account object seen, exactly as Argyle sent it.
+    pub resource: Option<Value>,
+    /// Number of distinct events folded.
+    pub version: i64,
+    pub last_position: i64,
+    pub last_event: String,
+    pub first_seen_at: DateTime<Utc>,
+    pub last_event_at: DateTime<Utc>,
+    pub removed_at: Option<DateTime<Utc>>,
+}
+
+/// Why an event could not be folded. The event stays in the log; the snapshot is left as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FoldError {
+    #[error("an {0} event has no data.account or data.user")]
+    MissingIds(String),
+    #[error("event for account {event} folded into the snapshot of account {snapshot}")]
+    WrongAccount { snapshot: Uuid, event: Uuid },
+    #[error("data.resource is not a JSON object")]
+    ResourceNotObject,
+}
+
+impl AccountSnapshot {
+    /// The instant of `resource.updated_at`, if the resource has a parseable one.
+    pub fn resource_updated_at(&self) -> Option<DateTime<Utc>> {
+        self.resource.as_ref().and_then(updated_at)
+    }
+
+    /// The account view served by the API.
+    pub fn view(&self) -> AccountView {
+        AccountView {
+            account_id: self.account_id,
+            user_id: self.user_id,
+            status: self.status,
+            connection_status: self.connection_status.clone(),
+            resource: self.resource.clone(),
+            resource_updated_at: self.resource_updated_at(),
+            version: self.version,
+            last_position: self.last_position,
+            last_event: self.last_event.clone(),
+            first_seen_at: self.first_seen_at,
+            last_event_at: self.last_event_at,
+            removed_at: self.removed_at,
+        }
+    }
+}
+
+/// The account view of the contract (`GET /v1/accounts/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountView {
+    pub account_id: Uuid,
+    pub user_id: Uuid,
+    pub status: AccountStatus,
+    pub connection_status: Option<String>,
+    pub resource: Option<Value>,
+    pub resource_updated_at: Option<DateTime<Utc>>,
+    pub version: i64,
+    pub last_position: i64,
+    pub last_event: String,
+    pub first_seen_at: DateTime<Utc>,
+    pub last_event_at: DateTime<Utc>,
+    pub removed_at: Option<DateTime<Utc>>,
+}
+
+fn updated_at(resource: &Value) -> Option<DateTime<Utc>> {
+    let text = resource.get("updated_at")?.as_str()?;
+    DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
+}
+
+/// Folds one event into an account's snapshot (`None` before the account's first event).
+///
+/// Events that are not `accounts.*` leave the snapshot untouched. The caller feeds events of one
+/// account in log order.
+pub fn apply(
+    snapshot: Option<AccountSnapshot>,
+    event: &LoggedEvent,
+) -> Result<Option<AccountSnapshot>, FoldError> {
+    let envelope = &event.envelope;
+    let kind = envelope.kind();
+    if !kind.is_account_event() {
+        return Ok(snapshot);
+    }
+    let (Some(account_id), Some(user_id)) = (envelope.account, envelope.user) else {
+        return Err(FoldError::MissingIds(envelope.event.clone()));
+    };
+    let resource = envelope.resource();
+    if resource.is_some_and(|r| !r.is_object()) {
+        return Err(FoldError::ResourceNotObject);
+    }
+    let mut next = match snapshot {
+        Some(s) if s.account_id != account_id => {
+            return Err(FoldError::WrongAccount { snapshot: s.account_id, event: account_id });
+        }
+        Some(s) => s,
+        None => AccountSnapshot {
+            account_id,
+            user_id,
+            status: AccountStatus::Active,
+            connection_status: None,
+            resource: None,
+            version: 0,
+            last_position: event.position,
+            last_event: envelope.event.clone(),
+            first_seen_at: event.received_at,
+            last_event_at: event.received_at,
+            removed_at: None,
+        },
+    };
+    next.version += 1;
+    next.last_position = event.position;
+    next.last_event.clone_from(&envelope.event);
+    next.last_event_at = event.received_at;
+    if next.status == AccountStatus::Removed {
+        return Ok(Some(next));
+    }
+    next.user_id = user_id;
+    if kind == EventKind::AccountRemoved {
+        next.status = AccountStatus::Removed;
+        next.removed_at = Some(event.received_at);
+        return Ok(Some(next));
+    }
+    match resource {
+        Some(resource) => {
+            if is_newer(resource, next.resource.as_ref()) {
+                let status = resource
+                    .get("connection")
+                    .and_then(|c| c.get("status"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                next.connection_status = status.or_else(|| implied_status(kind)).or(next.connection_status);
+                next.resource = Some(resource.clone());
+            }
+        }
+        None => {
+            if let Some(status) = implied_status(kind) {
+                next.connection_status = Some(status);
+            }
+        }
+    }
+    Ok(Some(next))
+}
+
+/// Folds a sequence of one account's events from nothing, skipping events the fold refuses.
+pub fn fold<'a>(events: impl IntoIterator<Item = &'a LoggedEvent>) -> Option<AccountSnapshot> {
+    events.into_iter().fold(None, |snapshot, event| match apply(snapshot.clone(), event) {
+        Ok(next) => next,
+        Err(_) => snapshot,
+    })
+}
+
+fn is_newer(candidate: &Value, current: Option<&Value>) -> bool {
+    match (current.and_then(updated_at), updated_at(candidate)) {
+        (Some(current), Some(candidate)) => candidate > current,
+        _ => true,
+    }
+}
+
+fn implied_status(kind: EventKind) -> Option<String> {
+    match kind {
+        EventKind::AccountAdded => Some("connecting".into()),
+        EventKind::AccountConnected => Some("connected".into()),
+        EventKind::AccountFailed => Some("error".into()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    const FIXTURES: [&[u8]; 8] = [
+        include_bytes!("../../../tests/fixtures/argyle/01_accounts.added.json"),
+        include_bytes!("../../../tests/fixtures/argyle/02_accounts.connected.json"),
+        include_bytes!("../../../tests/fixtures/argyle/03_accounts.updated.json"),
+        include_bytes!("../../../tests/fixtures/argyle/04_accounts.updated.json"),
+        include_bytes!("../../../tests/fixtures/argyle/05_accounts.updated.json"),
+        include_bytes!("../../../tests/fixtures/argyle/06_accounts.updated.json"),
+        include_bytes!("../../../tests/fixtures/argyle/07_accounts.removed.json"),
+        include_bytes!("../../../tests/fixtures/argyle/08_accounts.updated.no_resource.json"),
+    ];
+
+    fn logged(position: i64, body: &[u8]) -> LoggedEvent {
+        LoggedEvent {
+            position,
+            received_at: Utc.timestamp_opt(1_700_000_000 + position, 0).unwrap(),
+            envelope: Envelope::parse(body).unwrap(),
+        }
+    }
+
+    fn resource_of(body: &[u8]) -> Value {
+        Envelope::parse(body).unwrap().resource().unwrap().clone()
+    }
+
+    #[test]
+    fn the_fixture_sequence_ends_removed_with_the_newest_resource() {
+        let events: Vec<_> = FIXTURES.iter().enumerate().map(|(i, b)| logged(i as i64 + 1, b)).collect();
+        let mut snapshot = None;
+        let mut statuses = vec![];
+        for event in &events {
+            snapshot = apply(snapshot, event).unwrap();
+            statuses.push(snapshot.as_ref().unwrap().connection_status.clone().unwrap());
+        }
+        assert_eq!(statuses, ["connecting", "connected", "connected", "connected", "connected", "error", "error", "error"]);
+        let s = snapshot.unwrap();
+        assert_eq!(s.status, AccountStatus::Removed);
+        assert_eq!(s.version, 8);
+        assert_eq!(s.last_position, 8);
+        assert_eq!(s.last_event, "accounts.updated");
+        assert_eq!(s.removed_at, Some(events[6].received_at));
+        assert_eq!(s.resource, Some(resource_of(FIXTURES[5])));
+        assert_eq!(s.first_seen_at, events[0].received_at);
+        assert_eq!(s.view().resource_updated_at.unwrap().to_rfc3339(), "2026-04-11T08:30:02.774190+00:00");
+    }
+
+    #[test]
+    fn an_older_refinement_arriving_late_does_not_overwrite() {
+        let s = fold(&[logged(1, FIXTURES[4]), logged(2, FIXTURES[3])]).unwrap();
+        assert_eq!(s.resource, Some(resource_of(FIXTURES[4])));
+        assert_eq!(s.version, 2);
+    }
+
+    #[test]
+    fn a_tie_keeps_the_snapshot() {
+        // 02 and 03 share updated_at; the first one received stays.
+        let mut late = logged(2, FIXTURES[2]);
+        late.envelope.payload["data"]["resource"]["marker"] = "late".into();
+        let s = fold(&[logged(1, FIXTURES[1]), late]).unwrap();
+        assert_eq!(s.resource, Some(resource_of(FIXTURES[1])));
+    }
+
+    #[test]
+    fn unparseable_updated_at_applies_in_log_order() {
+        let mut odd = logged(2, FIXTURES[3]);
+        odd.envelope.payload["data"]["resource"]["updated_at"] = 12.into();
+        let s = fold(&[logged(1, FIXTURES[5]), odd.clone()]).unwrap();
+        assert_eq!(s.resource.as_ref().unwrap()["updated_at"], 12);
+        let s = fold(&[odd, logged(3, FIXTURES[0])]).unwrap();
+        assert_eq!(s.resource, Some(resource_of(FIXTURES[0])));
+    }
+
+    #[test]
+    fn events_without_resource_imply_a_connection_status() {
+        let strip = |body: &[u8], position| {
+            let mut e = logged(position, body);
+            e.envelope.payload["data"].as_object_mut().unwrap().remove("resource");
+            e
+        };
+        let s = fold(&[strip(FIXTURES[0], 1), strip(FIXTURES[1], 2)]).unwrap();
+        assert_eq!(s.connection_status.as_deref(), Some("connected"));
+        assert_eq!(s.resource, None);
+        let mut failed = strip(FIXTURES[1], 3);
+        failed.envelope.event = "accounts.failed".into();
+        let s = fold(&[strip(FIXTURES[0], 1), strip(FIXTURES[1], 2), failed]).unwrap();
+        assert_eq!(s.connection_status.as_deref(), Some("error"));
+    }
+
+    #[test]
+    fn removal_is_terminal() {
+        let s = fold(&[logged(1, FIXTURES[6]), logged(2, FIXTURES[0]), logged(3, FIXTURES[5])]).unwrap();
+        assert_eq!(s.status, AccountStatus::Removed);
+        assert_eq!(s.resource, None);
+        assert_eq!(s.connection_status, None);
+        assert_eq!(s.version, 3);
+        assert_eq!(s.last_position, 3);
+        assert_eq!(s.removed_at, Some(logged(1, FIXTURES[6]).received_at));
+    }
+
+    #[test]
+    fn other_families_are_not_folded_and_poison_is_refused() {
+        let other = logged(1, br#"{"event":"paystubs.added","data":{"account":"0187c66e-e7e5-811c-b006-2232f00f426a","user":"018051aa-f7a9-a0db-2f38-6cfa325e9d69"}}"#);
+        assert_eq!(apply(None, &other).unwrap(), None);
+        let mut poison = logged(2, FIXTURES[3]);
+        poison.envelope.payload["data"]["resource"] = "nope".into();
+        assert_eq!(apply(None, &poison), Err(FoldError::ResourceNotObject));
+        let before = fold(&[logged(1, FIXTURES[0])]);
+        assert_eq!(fold(&[logged(1, FIXTURES[0]), poison]), before);
+    }
+
+    fn same_state(a: &AccountSnapshot, b: &AccountSnapshot) -> bool {
+        a.resource == b.resource
+            && a.status == b.status
+            && a.connection_status == b.connection_status
+            && a.version == b.version
+            && a.user_id == b.user_id
+    }
+
+    #[test]
+    fn every_permutation_of_the_refinements_ends_in_the_same_snapshot() {
+        let in_order = fold(&(1..=5).map(|i| logged(i as i64, FIXTURES[i])).collect::<Vec<_>>()).unwrap();
+        let mut order: Vec<usize> = (1..=5).collect();
+        let mut count = 0;
+        permute(&mut order, 0, &mut |perm| {
+            let events: Vec<_> = perm.iter().enumerate().map(|(p, &i)| logged(p as i64 + 1, FIXTURES[i])).collect();
+            let s = fold(&events).unwrap();
+            assert!(same_state(&s, &in_order), "order {perm:?} gave {s:?}");
+            count += 1;
+        });
+        assert_eq!(count, 120);
+    }
+
+    fn permute(items: &mut Vec<usize>, k: usize, visit: &mut impl FnMut(&[usize])) {
+        if k == items.len() {
+            visit(items);
+            return;
+        }
+        for i in k..items.len() {
+            items.swap(k, i);
+            permute(items, k + 1, visit);
+            items.swap(k, i);
+        }
+    }
+
+    proptest! {
+        /// Any order of the refinements 02–06 after 01 gives the in-order resource and status.
+        #[test]
+        fn resource_and_status_do_not_depend_on_arrival_order(order in Just((1..=5usize).collect::<Vec<_>>()).prop_shuffle()) {
+            let mut events = vec![logged(1, FIXTURES[0])];
+            events.extend(order.iter().enumerate().map(|(p, &i)| logged(p as i64 + 2, FIXTURES[i])));
+            let in_order: Vec<_> = (0..=5).map(|i| logged(i as i64 + 1, FIXTURES[i])).collect();
+            prop_assert!(same_state(&fold(&events).unwrap(), &fold(&in_order).unwrap()));
+        }
+    }
+}
