@@ -1,0 +1,166 @@
+//! Account snapshots, the projector's checkpoint and its leader lock.
+
+use chrono::{DateTime, Utc};
+use domain::{AccountSnapshot, AccountStatus};
+use sqlx::types::Json;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{Error, Result};
+
+/// Name of the account-snapshot projection's row in `projector_checkpoints`.
+pub const CHECKPOINT: &str = "account_snapshots";
+
+/// Session-level advisory lock held by the one projector allowed to write snapshots.
+pub const LEADER_LOCK: i64 = 0x4150_4c45_4144; // "APLEAD"
+
+#[derive(sqlx::FromRow)]
+struct SnapshotRow {
+    account_id: Uuid,
+    user_id: Uuid,
+    status: String,
+    connection_status: Option<String>,
+    resource: Option<Json<serde_json::Value>>,
+    version: i64,
+    last_position: i64,
+    last_event: String,
+    first_seen_at: DateTime<Utc>,
+    last_event_at: DateTime<Utc>,
+    removed_at: Option<DateTime<Utc>>,
+}
+
+impl From<SnapshotRow> for AccountSnapshot {
+    fn from(row: SnapshotRow) -> Self {
+        AccountSnapshot {
+            account_id: row.account_id,
+            user_id: row.user_id,
+            // The CHECK constraint admits only the two values AccountStatus knows.
+            status: AccountStatus::parse(&row.status).unwrap_or(AccountStatus::Active),
+            connection_status: row.connection_status,
+            resource: row.resource.map(|r| r.0),
+            version: row.version,
+            last_position: row.last_position,
+            last_event: row.last_event,
+            first_seen_at: row.first_seen_at,
+            last_event_at: row.last_event_at,
+            removed_at: row.removed_at,
+        }
+    }
+}
+
+const SNAPSHOT_COLUMNS: &str = "account_id, user_id, status, connection_status, resource, version, \
+     last_position, last_event, first_seen_at, last_event_at, removed_at";
+
+/// The snapshot of one account.
+#[tracing::instrument(skip(conn))]
+pub async fn get(conn: &mut PgConnection, account_id: Uuid) -> Result<Option<AccountSnapshot>> {
+    let row: Option<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE account_id = $1"
+    )))
+    .bind(account_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(Into::into))
+}
+
+/// The snapshots of several accounts (missing ones are simply absent).
+#[tracing::instrument(skip_all, fields(accounts = account_ids.len()))]
+pub async fn get_many(conn: &mut PgConnection, account_ids: &[Uuid]) -> Result<Vec<AccountSnapshot>> {
+    let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE account_id = ANY($1)"
+    )))
+    .bind(account_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Every snapshot of one user, oldest account first.
+#[tracing::instrument(skip(conn))]
+pub async fn of_user(conn: &mut PgConnection, user_id: Uuid) -> Result<Vec<AccountSnapshot>> {
+    let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE user_id = $1 ORDER BY first_seen_at, account_id"
+    )))
+    .bind(user_id)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Every snapshot, in account order.
+pub async fn all(conn: &mut PgConnection) -> Result<Vec<AccountSnapshot>> {
+    let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots ORDER BY account_id"
+    )))
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Inserts or replaces snapshots, all in one statement.
+#[tracing::instrument(skip_all, fields(snapshots = snapshots.len()))]
+pub async fn save(conn: &mut PgConnection, snapshots: &[AccountSnapshot]) -> Result<()> {
+    if snapshots.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = snapshots.iter().map(AccountSnapshot::view).collect();
+    sqlx::query(
+        "INSERT INTO account_snapshots (account_id, user_id, status, connection_status, resource,
+             resource_updated_at, version, last_position, last_event, first_seen_at, last_event_at, removed_at)
+         SELECT account_id, user_id, status, connection_status, resource, resource_updated_at, version,
+                last_position, last_event, first_seen_at, last_event_at, removed_at
+         FROM jsonb_to_recordset($1) AS s(account_id uuid, user_id uuid, status text, connection_status text,
+             resource jsonb, resource_updated_at timestamptz, version bigint, last_position bigint,
+             last_event text, first_seen_at timestamptz, last_event_at timestamptz, removed_at timestamptz)
+         ON CONFLICT (account_id) DO UPDATE SET
+             user_id = excluded.user_id, status = excluded.status,
+             connection_status = excluded.connection_status, resource = excluded.resource,
+             resource_updated_at = excluded.resource_updated_at, version = excluded.version,
+             last_position = excluded.last_position, last_event = excluded.last_event,
+             first_seen_at = excluded.first_seen_at, last_event_at = excluded.last_event_at,
+             removed_at = excluded.removed_at",
+    )
+    .bind(Json(rows))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The checkpoint of a projection, locked until the end of the caller's transaction.
+pub async fn lock_checkpoint(conn: &mut PgConnection, name: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .fetch_one(conn)
+        .await?)
+}
+
+/// The checkpoint of a projection.
+pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE name = $1")
+        .bind(name)
+        .fetch_one(conn)
+        .await?)
+}
+
+/// Moves a checkpoint from `from` to `to`; fails with [`Error::Fenced`] if it was not at `from`.
+pub async fn advance_checkpoint(conn: &mut PgConnection, name: &str, from: i64, to: i64) -> Result<()> {
+    let moved = sqlx::query("UPDATE projector_checkpoints SET position = $3 WHERE name = $1 AND position = $2")
+        .bind(name)
+        .bind(from)
+        .bind(to)
+        .execute(conn)
+        .await?
+        .rows_affected();
+    if moved == 1 { Ok(()) } else { Err(Error::Fenced { name: name.to_owned(), expected: from }) }
+}
+
+/// Tries to become the writing projector; the lock lives as long as this session.
+pub async fn try_lock_leader(conn: &mut PgConnection) -> Result<bool> {
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LEADER_LOCK).fetch_one(conn).await?)
+}
+
+/// Gives up leadership held by this session.
+pub async fn unlock_leader(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(LEADER_LOCK).execute(conn).await?;
+    Ok(())
+}
