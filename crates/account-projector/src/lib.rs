@@ -1,1 +1,184 @@
+//! account-projector: composes the ingest, projector and api adapters into one service by role.
+//!
+//! # Layout
+//! - [`Settings`]: everything the service is configured with (the CLI in `main.rs` fills it from
+//!   flags and environment variables).
+//! - [`Application`]: binds the listener, runs migrations, and runs the chosen roles until a
+//!   shutdown token fires. Tests build one on port 0 against a database of their own.
+//! - [`telemetry`]: tracing setup (`RUST_LOG`, `LOG_FORMAT`).
 
+#![forbid(unsafe_code)]
+
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use ingest::{IngestState, Secrets};
+use projector::ProjectorConfig;
+use store::{DbOptions, PgPool};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+/// Which parts of the service this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Webhook ingest, projector and query API on one listener.
+    All,
+    /// `POST /webhooks/argyle` only.
+    Ingest,
+    /// The projector only (the listener serves health endpoints).
+    Projector,
+    /// The `/v1` query API only.
+    Api,
+}
+
+impl Role {
+    fn ingests(self) -> bool {
+        matches!(self, Self::All | Self::Ingest)
+    }
+    fn projects(self) -> bool {
+        matches!(self, Self::All | Self::Projector)
+    }
+    fn serves_api(self) -> bool {
+        matches!(self, Self::All | Self::Api)
+    }
+}
+
+/// The service's configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    pub listen_addr: String,
+    pub role: Role,
+    /// Apply pending migrations (creating the database if needed) before serving.
+    pub migrate: bool,
+    pub webhook_secrets: Vec<String>,
+    /// Run ingest with no secret, accepting unsigned deliveries. Off unless asked for.
+    pub allow_unsigned_webhooks: bool,
+    pub api_tokens: Vec<String>,
+    pub dedup_window: Duration,
+    pub max_body_bytes: usize,
+    /// Longest time one HTTP request may take, slow clients included.
+    pub request_timeout: Duration,
+    pub projector: ProjectorConfig,
+    pub db: DbOptions,
+}
+
+impl Settings {
+    /// Defaults of the contract, for the given database.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            listen_addr: "127.0.0.1:8080".into(),
+            role: Role::All,
+            migrate: true,
+            webhook_secrets: vec![],
+            allow_unsigned_webhooks: false,
+            api_tokens: vec![],
+            dedup_window: Duration::from_secs(24 * 3600),
+            max_body_bytes: 1_048_576,
+            request_timeout: Duration::from_secs(30),
+            projector: ProjectorConfig::default(),
+            db: DbOptions::default(),
+        }
+    }
+}
+
+/// A configured service, bound to its port, not yet running.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    pool: PgPool,
+    projector: Option<ProjectorConfig>,
+}
+
+impl Application {
+    /// Checks the settings, migrates if asked, and binds the listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let role = settings.role;
+        let secrets = Secrets::new(&settings.webhook_secrets);
+        if role.ingests() && secrets.is_empty() && !settings.allow_unsigned_webhooks {
+            bail!(
+                "ingest needs ARGYLE_WEBHOOK_SECRETS; set ALLOW_UNSIGNED_WEBHOOKS=true to accept unsigned webhooks"
+            );
+        }
+        if role.ingests() && secrets.is_empty() {
+            tracing::warn!("ALLOW_UNSIGNED_WEBHOOKS=true: webhook signatures are not checked");
+        }
+        if role.serves_api() && settings.api_tokens.is_empty() {
+            tracing::warn!("API_TOKENS is not set: /v1 is open to anyone who can reach {}", settings.listen_addr);
+        }
+        if settings.migrate {
+            let report = store::migrate::migrate(&settings.database_url).await.context("could not migrate the database")?;
+            tracing::info!(created_database = report.created_database, applied = report.applied.len(), "database is migrated");
+        }
+        let mut db = settings.db.clone();
+        db.application_name = format!("account-projector {role:?}").to_lowercase();
+        let pool = store::pool(&settings.database_url, &db)?;
+        let listener = TcpListener::bind(&settings.listen_addr)
+            .await
+            .with_context(|| format!("could not listen on {}", settings.listen_addr))?;
+        let mut router = api::health_router(pool.clone());
+        if role.ingests() {
+            router = router.merge(ingest::router(IngestState {
+                pool: pool.clone(),
+                secrets,
+                dedup_window: settings.dedup_window,
+                max_body_bytes: settings.max_body_bytes,
+            }));
+        }
+        if role.serves_api() {
+            router = router.merge(api::router(api::ApiState {
+                pool: pool.clone(),
+                tokens: Arc::new(settings.api_tokens.iter().filter(|t| !t.is_empty()).cloned().collect()),
+            }));
+        }
+        let timeout = settings.request_timeout;
+        let router = router
+            .fallback(api::problem::not_found)
+            .method_not_allowed_fallback(api::problem::method_not_allowed)
+            .layer(middleware::from_fn(move |request: Request, next: Next| time_limit(timeout, request, next)))
+            .layer(TraceLayer::new_for_http());
+        let projector = role.projects().then(|| settings.projector.clone());
+        Ok(Self { listener, router, pool, projector })
+    }
+
+    /// The bound port (useful when listening on port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The service's connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Serves until `shutdown` fires, then stops accepting, lets in-flight requests and the
+    /// projector's current batch finish, and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.listener.local_addr()?, "listening");
+        let projector = self.projector.map(|config| tokio::spawn(projector::run(self.pool.clone(), config, shutdown.clone())));
+        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+        shutdown.cancel();
+        if let Some(projector) = projector {
+            projector.await.context("projector task failed")?;
+        }
+        self.pool.close().await;
+        served.context("HTTP server failed")
+    }
+}
+
+async fn time_limit(limit: Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => api::Problem::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request took too long").into_response(),
+    }
+}

@@ -21,7 +21,6 @@ use axum::routing::post;
 use axum::{Json, Router};
 use domain::{Envelope, EnvelopeError};
 use hmac::{Hmac, Mac};
-use serde_json::{Value, json};
 use sha2::Sha512;
 use store::PgPool;
 use store::log::NewDelivery;
@@ -82,7 +81,7 @@ pub fn router(state: IngestState) -> Router {
 }
 
 #[tracing::instrument(skip_all, fields(position, duplicate, event))]
-async fn receive(State(state): State<IngestState>, headers: HeaderMap, body: Body) -> Result<Json<Value>, Problem> {
+async fn receive(State(state): State<IngestState>, headers: HeaderMap, body: Body) -> Result<Json<Accepted>, Problem> {
     if !is_json(&headers) {
         return Err(Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -131,7 +130,15 @@ async fn receive(State(state): State<IngestState>, headers: HeaderMap, body: Bod
     span.record("duplicate", appended.duplicate);
     span.record("event", envelope.event.as_str());
     tracing::info!("webhook accepted");
-    Ok(Json(json!({"status": "accepted", "position": appended.position, "duplicate": appended.duplicate})))
+    Ok(Json(Accepted { status: "accepted", position: appended.position, duplicate: appended.duplicate }))
+}
+
+/// The 200 answer, fields in the contract's order.
+#[derive(serde::Serialize)]
+struct Accepted {
+    status: &'static str,
+    position: i64,
+    duplicate: bool,
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

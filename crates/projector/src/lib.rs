@@ -1,1 +1,162 @@
+//! The projector: folds the event log into account snapshots, one batch at a time.
+//!
+//! # Layout
+//! - [`run`]: the long-running loop. It stands by until it holds the leader lock, then catches up
+//!   from the checkpoint, and waits for an append notification (or the poll interval) to go again.
+//! - [`run_batch`]: one step: read up to `batch_size` events after the checkpoint, fold them with
+//!   [`domain::apply`], write each changed snapshot once and the new checkpoint in one transaction.
+//!
+//! # Why at most one writer, and why a crash loses nothing
+//! Leadership is a session advisory lock, and every batch runs on the very connection that holds it:
+//! if that session dies, the lock and any uncommitted batch die with it, and a standby takes over
+//! from the last committed checkpoint. The checkpoint is also moved with compare-and-set, so a
+//! writer that somehow lost the lock still cannot commit over another's progress.
 
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use domain::{AccountSnapshot, EventKind};
+use sqlx::{Connection, PgConnection};
+use store::PgPool;
+use store::log::AppendNotifications;
+use store::snapshots::CHECKPOINT;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How the projector paces itself.
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    /// Events read and folded per transaction.
+    pub batch_size: i64,
+    /// Catch up at least this often even if no notification arrives.
+    pub poll_interval: Duration,
+    /// How often a standby retries the leader lock, and the pause after a database error.
+    pub retry_interval: Duration,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self { batch_size: 1000, poll_interval: Duration::from_secs(1), retry_interval: Duration::from_millis(500) }
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchOutcome {
+    /// Events read from the log (all families).
+    pub events: usize,
+    /// Snapshot rows written: one per account touched, however many of its events were in the batch.
+    pub snapshots_written: usize,
+    /// Events the fold refused; they stay in the log, the snapshot is left as it was.
+    pub refused: usize,
+    /// The checkpoint after the batch.
+    pub checkpoint: i64,
+}
+
+/// Runs the projector until `shutdown` fires, surviving database outages.
+pub async fn run(pool: PgPool, config: ProjectorConfig, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        match lead(&pool, &config, &shutdown).await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%error, "projector lost its database connection; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(config.retry_interval) => {}
+                }
+            }
+        }
+    }
+    tracing::info!("projector stopped");
+}
+
+async fn lead(pool: &PgPool, config: &ProjectorConfig, shutdown: &CancellationToken) -> store::Result<()> {
+    // A connection of its own: the leader lock lives exactly as long as this session.
+    let mut conn = pool.acquire().await?.detach();
+    let mut announced = false;
+    while !store::snapshots::try_lock_leader(&mut conn).await? {
+        if !announced {
+            tracing::info!("another projector is leading; standing by");
+            announced = true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(config.retry_interval) => {}
+        }
+    }
+    tracing::info!("projector is the leader");
+    let mut notifications = AppendNotifications::subscribe(pool).await?;
+    loop {
+        loop {
+            if shutdown.is_cancelled() {
+                store::snapshots::unlock_leader(&mut conn).await?;
+                return Ok(());
+            }
+            let outcome = run_batch(&mut conn, config.batch_size).await?;
+            if outcome.events > 0 {
+                tracing::debug!(?outcome, "batch folded");
+            }
+            if (outcome.events as i64) < config.batch_size {
+                break;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            woke = notifications.wait() => woke?,
+            () = tokio::time::sleep(config.poll_interval) => {}
+        }
+    }
+}
+
+/// Folds the next batch after the checkpoint and commits the changed snapshots with the new
+/// checkpoint. `conn` must be the leader's connection.
+#[tracing::instrument(skip(conn))]
+pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Result<BatchOutcome> {
+    let mut tx = conn.begin().await?;
+    let checkpoint = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
+    let events = store::log::read_after(&mut tx, checkpoint, batch_size).await?;
+    let Some(last) = events.last().map(|e| e.position) else {
+        tx.rollback().await?;
+        return Ok(BatchOutcome { checkpoint, ..BatchOutcome::default() });
+    };
+    let folded = events.iter().filter(|e| EventKind::of(&e.event).is_account_event());
+    let accounts: Vec<Uuid> =
+        folded.clone().filter_map(|e| e.account_id).collect::<HashSet<_>>().into_iter().collect();
+    let mut snapshots: HashMap<Uuid, AccountSnapshot> = store::snapshots::get_many(&mut tx, &accounts)
+        .await?
+        .into_iter()
+        .map(|s| (s.account_id, s))
+        .collect();
+    let mut touched = HashSet::new();
+    let mut refused = 0;
+    for stored in folded {
+        let logged = match stored.to_logged() {
+            Ok(logged) => logged,
+            Err(error) => {
+                tracing::error!(position = stored.position, %error, "stored event does not parse; not folded");
+                refused += 1;
+                continue;
+            }
+        };
+        let Some(account) = logged.envelope.account else { continue };
+        let current = snapshots.get(&account).cloned();
+        match domain::apply(current, &logged) {
+            Ok(Some(next)) => {
+                snapshots.insert(account, next);
+                touched.insert(account);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(position = stored.position, %account, %error, "event refused by the fold");
+                refused += 1;
+            }
+        }
+    }
+    let changed: Vec<AccountSnapshot> = touched.iter().filter_map(|id| snapshots.remove(id)).collect();
+    store::snapshots::save(&mut tx, &changed).await?;
+    store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, last).await?;
+    tx.commit().await?;
+    Ok(BatchOutcome { events: events.len(), snapshots_written: changed.len(), refused, checkpoint: last })
+}

@@ -160,3 +160,21 @@ pub struct LogCounts {
     pub events: i64,
     pub deliveries: i64,
 }
+
+/// Wakes a waiter whenever an append commits (LISTEN `events_appended`, sent by a trigger).
+pub struct AppendNotifications(sqlx::postgres::PgListener);
+
+impl AppendNotifications {
+    /// Opens a listening connection from the pool's settings.
+    pub async fn subscribe(pool: &PgPool) -> Result<Self> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen("events_appended").await?;
+        Ok(Self(listener))
+    }
+
+    /// Waits for the next notification. Errors mean the connection was lost.
+    pub async fn wait(&mut self) -> Result<()> {
+        self.0.recv().await?;
+        Ok(())
+    }
+}
