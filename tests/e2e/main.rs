@@ -1,1 +1,11 @@
+//! End-to-end tests: real Postgres (a fresh database per test), real HTTP on port 0, and for crash
+//! and failover tests the real `account-projector` binary as a child process.
+//!
+//! Postgres is reached at `TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
+mod api;
+mod concurrency;
+mod crash;
+mod helpers;
+mod ingest;
+mod projection;

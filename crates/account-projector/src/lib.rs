@@ -114,11 +114,20 @@ impl Application {
             tracing::warn!("ALLOW_UNSIGNED_WEBHOOKS=true: webhook signatures are not checked");
         }
         if role.serves_api() && settings.api_tokens.is_empty() {
-            tracing::warn!("API_TOKENS is not set: /v1 is open to anyone who can reach {}", settings.listen_addr);
+            tracing::warn!(
+                "API_TOKENS is not set: /v1 is open to anyone who can reach {}",
+                settings.listen_addr
+            );
         }
         if settings.migrate {
-            let report = store::migrate::migrate(&settings.database_url).await.context("could not migrate the database")?;
-            tracing::info!(created_database = report.created_database, applied = report.applied.len(), "database is migrated");
+            let report = store::migrate::migrate(&settings.database_url)
+                .await
+                .context("could not migrate the database")?;
+            tracing::info!(
+                created_database = report.created_database,
+                applied = report.applied.len(),
+                "database is migrated"
+            );
         }
         let mut db = settings.db.clone();
         db.application_name = format!("account-projector {role:?}").to_lowercase();
@@ -138,17 +147,31 @@ impl Application {
         if role.serves_api() {
             router = router.merge(api::router(api::ApiState {
                 pool: pool.clone(),
-                tokens: Arc::new(settings.api_tokens.iter().filter(|t| !t.is_empty()).cloned().collect()),
+                tokens: Arc::new(
+                    settings
+                        .api_tokens
+                        .iter()
+                        .filter(|t| !t.is_empty())
+                        .cloned()
+                        .collect(),
+                ),
             }));
         }
         let timeout = settings.request_timeout;
         let router = router
             .fallback(api::problem::not_found)
             .method_not_allowed_fallback(api::problem::method_not_allowed)
-            .layer(middleware::from_fn(move |request: Request, next: Next| time_limit(timeout, request, next)))
+            .layer(middleware::from_fn(move |request: Request, next: Next| {
+                time_limit(timeout, request, next)
+            }))
             .layer(TraceLayer::new_for_http());
         let projector = role.projects().then(|| settings.projector.clone());
-        Ok(Self { listener, router, pool, projector })
+        Ok(Self {
+            listener,
+            router,
+            pool,
+            projector,
+        })
     }
 
     /// The bound port (useful when listening on port 0).
@@ -165,8 +188,12 @@ impl Application {
     /// projector's current batch finish, and returns.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "listening");
-        let projector = self.projector.map(|config| tokio::spawn(projector::run(self.pool.clone(), config, shutdown.clone())));
-        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+        let projector = self.projector.map(|config| {
+            tokio::spawn(projector::run(self.pool.clone(), config, shutdown.clone()))
+        });
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await;
         shutdown.cancel();
         if let Some(projector) = projector {
             projector.await.context("projector task failed")?;
@@ -179,6 +206,11 @@ impl Application {
 async fn time_limit(limit: Duration, request: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => api::Problem::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request took too long").into_response(),
+        Err(_) => api::Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request took too long",
+        )
+        .into_response(),
     }
 }

@@ -17,11 +17,23 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "account-projector", version)]
 struct Cli {
     /// Postgres connection URL (Postgres 14+).
-    #[arg(long, global = true, env = "DATABASE_URL", default_value = "postgres://postgres@localhost:5432/account_projector", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@localhost:5432/account_projector",
+        hide_env_values = true
+    )]
     database_url: String,
 
     /// Log format.
-    #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
     log_format: LogFormat,
 
     #[command(subcommand)]
@@ -51,7 +63,12 @@ struct ServeArgs {
     no_migrate: bool,
 
     /// Comma-separated webhook secrets; a delivery signed with any of them is accepted (rotation).
-    #[arg(long, env = "ARGYLE_WEBHOOK_SECRETS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ARGYLE_WEBHOOK_SECRETS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     webhook_secrets: Vec<String>,
 
     /// Accept unsigned webhooks when no secret is configured (otherwise ingest refuses to start).
@@ -59,7 +76,12 @@ struct ServeArgs {
     allow_unsigned_webhooks: bool,
 
     /// Comma-separated bearer tokens for /v1; when unset, /v1 is open (a warning is logged).
-    #[arg(long, env = "API_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     api_tokens: Vec<String>,
 
     /// An identical body redelivered within this window is the same event (e.g. 24h, 90m, 0s).
@@ -125,7 +147,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             settings.dedup_window = args.dedup_window;
             settings.max_body_bytes = args.max_body_bytes;
             settings.request_timeout = args.request_timeout;
-            settings.projector = ProjectorConfig { batch_size: args.batch_size, poll_interval: args.poll_interval, ..ProjectorConfig::default() };
+            settings.projector = ProjectorConfig {
+                batch_size: args.batch_size,
+                poll_interval: args.poll_interval,
+                ..ProjectorConfig::default()
+            };
             settings.db.max_connections = args.max_connections;
             let app = Application::build(settings).await?;
             let shutdown = CancellationToken::new();

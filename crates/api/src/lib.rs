@@ -43,7 +43,10 @@ pub fn router(state: ApiState) -> Router {
 
 /// `/healthz` (the process answers) and `/readyz` (database reachable, migrations applied).
 pub fn health_router(pool: PgPool) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(pool)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(pool)
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -54,13 +57,17 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        // The scheme is case-insensitive (RFC 9110 §11.1); the token is compared exactly.
+        .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then_some(token))
         .unwrap_or("");
     // Compare against every token without stopping early, so timing tells nothing about which matched.
     let matched = state
         .tokens
         .iter()
-        .fold(subtle::Choice::from(0), |acc, token| acc | token.as_bytes().ct_eq(presented.as_bytes()));
+        .fold(subtle::Choice::from(0), |acc, token| {
+            acc | token.as_bytes().ct_eq(presented.as_bytes())
+        });
     if bool::from(matched) && !presented.is_empty() {
         next.run(request).await
     } else {
@@ -72,7 +79,10 @@ fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
     Uuid::try_parse(raw).map_err(|_| Problem::invalid_id(format!("{what} is not a UUID")))
 }
 
-async fn get_account(State(state): State<ApiState>, Path(raw): Path<String>) -> Result<Json<AccountView>, Problem> {
+async fn get_account(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+) -> Result<Json<AccountView>, Problem> {
     let account_id = parse_id(&raw, "account_id")?;
     let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
     match store::snapshots::get(&mut conn, account_id).await? {
@@ -87,10 +97,17 @@ struct UserAccounts {
     accounts: Vec<AccountView>,
 }
 
-async fn get_user_accounts(State(state): State<ApiState>, Path(raw): Path<String>) -> Result<Json<UserAccounts>, Problem> {
+async fn get_user_accounts(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+) -> Result<Json<UserAccounts>, Problem> {
     let user_id = parse_id(&raw, "user_id")?;
     let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
-    let accounts = store::snapshots::of_user(&mut conn, user_id).await?.iter().map(|s| s.view()).collect();
+    let accounts = store::snapshots::of_user(&mut conn, user_id)
+        .await?
+        .iter()
+        .map(|s| s.view())
+        .collect();
     Ok(Json(UserAccounts { user_id, accounts }))
 }
 
@@ -101,6 +118,13 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(pool): State<PgPool>) -> Result<Json<serde_json::Value>, Problem> {
     match store::check_ready(&pool).await {
         Ok(()) => Ok(Json(serde_json::json!({"status": "ready"}))),
-        Err(reason) => Err(Problem { retry_after: Some(5), ..Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason.to_string()) }),
+        Err(reason) => Err(Problem {
+            retry_after: Some(5),
+            ..Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                reason.to_string(),
+            )
+        }),
     }
 }

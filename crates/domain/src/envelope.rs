@@ -86,12 +86,23 @@ impl Envelope {
         let event = match object.get("event") {
             Some(Value::String(name)) if !name.is_empty() => name.clone(),
             Some(Value::String(_)) => {
-                return Err(EnvelopeError::InvalidPayload { field: "event", reason: "is empty" });
+                return Err(EnvelopeError::InvalidPayload {
+                    field: "event",
+                    reason: "is empty",
+                });
             }
             Some(_) => {
-                return Err(EnvelopeError::InvalidPayload { field: "event", reason: "is not a string" });
+                return Err(EnvelopeError::InvalidPayload {
+                    field: "event",
+                    reason: "is not a string",
+                });
             }
-            None => return Err(EnvelopeError::InvalidPayload { field: "event", reason: "is missing" }),
+            None => {
+                return Err(EnvelopeError::InvalidPayload {
+                    field: "event",
+                    reason: "is missing",
+                });
+            }
         };
         let data = object.get("data");
         let account = data.and_then(|d| d.get("account"));
@@ -103,7 +114,10 @@ impl Envelope {
                     reason: "is missing or not an object",
                 });
             }
-            (Some(required_uuid(account, "data.account")?), Some(required_uuid(user, "data.user")?))
+            (
+                Some(required_uuid(account, "data.account")?),
+                Some(required_uuid(user, "data.user")?),
+            )
         } else {
             (optional_uuid(account), optional_uuid(user))
         };
@@ -114,7 +128,12 @@ impl Envelope {
                 reason: "contains the character U+0000, which cannot be stored",
             });
         }
-        Ok(Self { event, account, user, payload })
+        Ok(Self {
+            event,
+            account,
+            user,
+            payload,
+        })
     }
 
     /// The event's kind.
@@ -124,21 +143,34 @@ impl Envelope {
 
     /// `data.resource`, when present and not `null`.
     pub fn resource(&self) -> Option<&Value> {
-        self.payload.get("data")?.get("resource").filter(|r| !r.is_null())
+        self.payload
+            .get("data")?
+            .get("resource")
+            .filter(|r| !r.is_null())
     }
 }
 
 fn required_uuid(value: Option<&Value>, field: &'static str) -> Result<Uuid, EnvelopeError> {
     match value {
-        None | Some(Value::Null) => Err(EnvelopeError::InvalidPayload { field, reason: "is missing" }),
-        Some(Value::String(s)) => Uuid::try_parse(s)
-            .map_err(|_| EnvelopeError::InvalidPayload { field, reason: "is not a UUID" }),
-        Some(_) => Err(EnvelopeError::InvalidPayload { field, reason: "is not a string" }),
+        None | Some(Value::Null) => Err(EnvelopeError::InvalidPayload {
+            field,
+            reason: "is missing",
+        }),
+        Some(Value::String(s)) => Uuid::try_parse(s).map_err(|_| EnvelopeError::InvalidPayload {
+            field,
+            reason: "is not a UUID",
+        }),
+        Some(_) => Err(EnvelopeError::InvalidPayload {
+            field,
+            reason: "is not a string",
+        }),
     }
 }
 
 fn optional_uuid(value: Option<&Value>) -> Option<Uuid> {
-    value.and_then(Value::as_str).and_then(|s| Uuid::try_parse(s).ok())
+    value
+        .and_then(Value::as_str)
+        .and_then(|s| Uuid::try_parse(s).ok())
 }
 
 fn contains_nul(value: &Value) -> bool {
@@ -160,8 +192,14 @@ mod tests {
     fn a_fixture_parses_with_its_ids_and_resource() {
         let envelope = Envelope::parse(ADDED).unwrap();
         assert_eq!(envelope.kind(), EventKind::AccountAdded);
-        assert_eq!(envelope.account.unwrap().to_string(), "0187c66e-e7e5-811c-b006-2232f00f426a");
-        assert_eq!(envelope.user.unwrap().to_string(), "018051aa-f7a9-a0db-2f38-6cfa325e9d69");
+        assert_eq!(
+            envelope.account.unwrap().to_string(),
+            "0187c66e-e7e5-811c-b006-2232f00f426a"
+        );
+        assert_eq!(
+            envelope.user.unwrap().to_string(),
+            "018051aa-f7a9-a0db-2f38-6cfa325e9d69"
+        );
         assert_eq!(envelope.resource().unwrap()["item"], "item_000012345");
         assert_eq!(envelope.payload["name"], "accounts-projector");
     }
@@ -174,7 +212,10 @@ mod tests {
         assert_eq!(envelope.account, None);
         assert!(envelope.user.is_some());
         assert_eq!(envelope.payload["new"], 1);
-        assert_eq!(EventKind::of("accounts.refreshed"), EventKind::OtherAccountEvent);
+        assert_eq!(
+            EventKind::of("accounts.refreshed"),
+            EventKind::OtherAccountEvent
+        );
     }
 
     #[test]
@@ -195,7 +236,9 @@ mod tests {
         for (body, field) in cases {
             match (Envelope::parse(body), field) {
                 (Err(EnvelopeError::InvalidJson(_)), None) => {}
-                (Err(EnvelopeError::InvalidPayload { field: got, .. }), Some(want)) => assert_eq!(&got, want),
+                (Err(EnvelopeError::InvalidPayload { field: got, .. }), Some(want)) => {
+                    assert_eq!(&got, want)
+                }
                 (other, _) => panic!("{:?} gave {other:?}", String::from_utf8_lossy(body)),
             }
         }
@@ -204,6 +247,9 @@ mod tests {
     #[test]
     fn deep_nesting_is_an_error_not_a_stack_overflow() {
         let body = "[".repeat(100_000);
-        assert!(matches!(Envelope::parse(body.as_bytes()), Err(EnvelopeError::InvalidJson(_))));
+        assert!(matches!(
+            Envelope::parse(body.as_bytes()),
+            Err(EnvelopeError::InvalidJson(_))
+        ));
     }
 }

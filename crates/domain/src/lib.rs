@@ -15,4 +15,6 @@ pub mod envelope;
 pub mod snapshot;
 
 pub use envelope::{Envelope, EnvelopeError, EventKind};
-pub use snapshot::{AccountSnapshot, AccountStatus, AccountView, FoldError, LoggedEvent, apply, fold};
+pub use snapshot::{
+    AccountSnapshot, AccountStatus, AccountView, FoldError, LoggedEvent, apply, fold,
+};

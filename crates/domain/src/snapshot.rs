@@ -131,7 +131,9 @@ pub struct AccountView {
 
 fn updated_at(resource: &Value) -> Option<DateTime<Utc>> {
     let text = resource.get("updated_at")?.as_str()?;
-    DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// Folds one event into an account's snapshot (`None` before the account's first event).
@@ -156,7 +158,10 @@ pub fn apply(
     }
     let mut next = match snapshot {
         Some(s) if s.account_id != account_id => {
-            return Err(FoldError::WrongAccount { snapshot: s.account_id, event: account_id });
+            return Err(FoldError::WrongAccount {
+                snapshot: s.account_id,
+                event: account_id,
+            });
         }
         Some(s) => s,
         None => AccountSnapshot {
@@ -194,7 +199,9 @@ pub fn apply(
                     .and_then(|c| c.get("status"))
                     .and_then(Value::as_str)
                     .map(str::to_owned);
-                next.connection_status = status.or_else(|| implied_status(kind)).or(next.connection_status);
+                next.connection_status = status
+                    .or_else(|| implied_status(kind))
+                    .or(next.connection_status);
                 next.resource = Some(resource.clone());
             }
         }
@@ -209,9 +216,11 @@ pub fn apply(
 
 /// Folds a sequence of one account's events from nothing, skipping events the fold refuses.
 pub fn fold<'a>(events: impl IntoIterator<Item = &'a LoggedEvent>) -> Option<AccountSnapshot> {
-    events.into_iter().fold(None, |snapshot, event| match apply(snapshot.clone(), event) {
-        Ok(next) => next,
-        Err(_) => snapshot,
+    events.into_iter().fold(None, |snapshot, event| {
+        match apply(snapshot.clone(), event) {
+            Ok(next) => next,
+            Err(_) => snapshot,
+        }
     })
 }
 
@@ -262,14 +271,37 @@ mod tests {
 
     #[test]
     fn the_fixture_sequence_ends_removed_with_the_newest_resource() {
-        let events: Vec<_> = FIXTURES.iter().enumerate().map(|(i, b)| logged(i as i64 + 1, b)).collect();
+        let events: Vec<_> = FIXTURES
+            .iter()
+            .enumerate()
+            .map(|(i, b)| logged(i as i64 + 1, b))
+            .collect();
         let mut snapshot = None;
         let mut statuses = vec![];
         for event in &events {
             snapshot = apply(snapshot, event).unwrap();
-            statuses.push(snapshot.as_ref().unwrap().connection_status.clone().unwrap());
+            statuses.push(
+                snapshot
+                    .as_ref()
+                    .unwrap()
+                    .connection_status
+                    .clone()
+                    .unwrap(),
+            );
         }
-        assert_eq!(statuses, ["connecting", "connected", "connected", "connected", "connected", "error", "error", "error"]);
+        assert_eq!(
+            statuses,
+            [
+                "connecting",
+                "connected",
+                "connected",
+                "connected",
+                "connected",
+                "error",
+                "error",
+                "error"
+            ]
+        );
         let s = snapshot.unwrap();
         assert_eq!(s.status, AccountStatus::Removed);
         assert_eq!(s.version, 8);
@@ -278,7 +310,10 @@ mod tests {
         assert_eq!(s.removed_at, Some(events[6].received_at));
         assert_eq!(s.resource, Some(resource_of(FIXTURES[5])));
         assert_eq!(s.first_seen_at, events[0].received_at);
-        assert_eq!(s.view().resource_updated_at.unwrap().to_rfc3339(), "2026-04-11T08:30:02.774190+00:00");
+        assert_eq!(
+            s.view().resource_updated_at.unwrap().to_rfc3339(),
+            "2026-04-11T08:30:02.774190+00:00"
+        );
     }
 
     #[test]
@@ -311,7 +346,10 @@ mod tests {
     fn events_without_resource_imply_a_connection_status() {
         let strip = |body: &[u8], position| {
             let mut e = logged(position, body);
-            e.envelope.payload["data"].as_object_mut().unwrap().remove("resource");
+            e.envelope.payload["data"]
+                .as_object_mut()
+                .unwrap()
+                .remove("resource");
             e
         };
         let s = fold(&[strip(FIXTURES[0], 1), strip(FIXTURES[1], 2)]).unwrap();
@@ -325,7 +363,12 @@ mod tests {
 
     #[test]
     fn removal_is_terminal() {
-        let s = fold(&[logged(1, FIXTURES[6]), logged(2, FIXTURES[0]), logged(3, FIXTURES[5])]).unwrap();
+        let s = fold(&[
+            logged(1, FIXTURES[6]),
+            logged(2, FIXTURES[0]),
+            logged(3, FIXTURES[5]),
+        ])
+        .unwrap();
         assert_eq!(s.status, AccountStatus::Removed);
         assert_eq!(s.resource, None);
         assert_eq!(s.connection_status, None);
@@ -355,11 +398,20 @@ mod tests {
 
     #[test]
     fn every_permutation_of_the_refinements_ends_in_the_same_snapshot() {
-        let in_order = fold(&(1..=5).map(|i| logged(i as i64, FIXTURES[i])).collect::<Vec<_>>()).unwrap();
+        let in_order = fold(
+            &(1..=5)
+                .map(|i| logged(i as i64, FIXTURES[i]))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
         let mut order: Vec<usize> = (1..=5).collect();
         let mut count = 0;
         permute(&mut order, 0, &mut |perm| {
-            let events: Vec<_> = perm.iter().enumerate().map(|(p, &i)| logged(p as i64 + 1, FIXTURES[i])).collect();
+            let events: Vec<_> = perm
+                .iter()
+                .enumerate()
+                .map(|(p, &i)| logged(p as i64 + 1, FIXTURES[i]))
+                .collect();
             let s = fold(&events).unwrap();
             assert!(same_state(&s, &in_order), "order {perm:?} gave {s:?}");
             count += 1;

@@ -41,7 +41,13 @@ impl std::fmt::Debug for Secrets {
 
 impl Secrets {
     pub fn new<S: AsRef<[u8]>>(secrets: impl IntoIterator<Item = S>) -> Self {
-        Self(Arc::new(secrets.into_iter().map(|s| s.as_ref().to_vec()).filter(|s| !s.is_empty()).collect()))
+        Self(Arc::new(
+            secrets
+                .into_iter()
+                .map(|s| s.as_ref().to_vec())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        ))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -52,12 +58,19 @@ impl Secrets {
     /// The MAC comparison is constant time; every secret is tried.
     pub fn verify(&self, body: &[u8], header: Option<&[u8]>) -> bool {
         let Some(header) = header else { return false };
-        if header.len() != 128 || !header.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if header.len() != 128
+            || !header
+                .iter()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return false;
         }
-        let Ok(signature) = hex::decode(header) else { return false };
+        let Ok(signature) = hex::decode(header) else {
+            return false;
+        };
         self.0.iter().fold(false, |matched, secret| {
-            let mut mac = Hmac::<Sha512>::new_from_slice(secret).expect("HMAC accepts keys of any length");
+            let mut mac =
+                Hmac::<Sha512>::new_from_slice(secret).expect("HMAC accepts keys of any length");
             mac.update(body);
             mac.verify_slice(&signature).is_ok() | matched
         })
@@ -77,11 +90,17 @@ pub struct IngestState {
 
 /// `POST /webhooks/argyle`.
 pub fn router(state: IngestState) -> Router {
-    Router::new().route("/webhooks/argyle", post(receive)).with_state(state)
+    Router::new()
+        .route("/webhooks/argyle", post(receive))
+        .with_state(state)
 }
 
 #[tracing::instrument(skip_all, fields(position, duplicate, event))]
-async fn receive(State(state): State<IngestState>, headers: HeaderMap, body: Body) -> Result<Json<Accepted>, Problem> {
+async fn receive(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, Problem> {
     if !is_json(&headers) {
         return Err(Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -96,7 +115,9 @@ async fn receive(State(state): State<IngestState>, headers: HeaderMap, body: Bod
             format!("the body exceeds {} bytes", state.max_body_bytes),
         )
     };
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
         return Err(too_large());
     }
@@ -104,12 +125,19 @@ async fn receive(State(state): State<IngestState>, headers: HeaderMap, body: Bod
         if is_length_limit(&e) {
             too_large()
         } else {
-            Problem::new(StatusCode::BAD_REQUEST, "invalid_body", "the request body could not be read")
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "the request body could not be read",
+            )
         }
     })?;
     let signature = headers.get(SIGNATURE_HEADER);
     if !state.secrets.is_empty() && !state.secrets.verify(&body, signature.map(|v| v.as_bytes())) {
-        tracing::warn!(signed = signature.is_some(), "rejected webhook: invalid signature");
+        tracing::warn!(
+            signed = signature.is_some(),
+            "rejected webhook: invalid signature"
+        );
         return Err(Problem::new(
             StatusCode::UNAUTHORIZED,
             "invalid_signature",
@@ -117,20 +145,32 @@ async fn receive(State(state): State<IngestState>, headers: HeaderMap, body: Bod
         ));
     }
     let envelope = Envelope::parse(&body).map_err(|e| match e {
-        EnvelopeError::InvalidJson(reason) => {
-            Problem::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the body is not valid JSON: {reason}"))
+        EnvelopeError::InvalidJson(reason) => Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not valid JSON: {reason}"),
+        ),
+        e @ EnvelopeError::InvalidPayload { .. } => {
+            Problem::new(StatusCode::BAD_REQUEST, "invalid_payload", e.to_string())
         }
-        e @ EnvelopeError::InvalidPayload { .. } => Problem::new(StatusCode::BAD_REQUEST, "invalid_payload", e.to_string()),
     })?;
     let signature = signature.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let delivery = NewDelivery { body: &body, signature: signature.as_deref(), envelope: &envelope };
+    let delivery = NewDelivery {
+        body: &body,
+        signature: signature.as_deref(),
+        envelope: &envelope,
+    };
     let appended = store::log::append(&state.pool, delivery, state.dedup_window).await?;
     let span = tracing::Span::current();
     span.record("position", appended.position);
     span.record("duplicate", appended.duplicate);
     span.record("event", envelope.event.as_str());
     tracing::info!("webhook accepted");
-    Ok(Json(Accepted { status: "accepted", position: appended.position, duplicate: appended.duplicate }))
+    Ok(Json(Accepted {
+        status: "accepted",
+        position: appended.position,
+        duplicate: appended.duplicate,
+    }))
 }
 
 /// The 200 answer, fields in the contract's order.
@@ -142,11 +182,20 @@ struct Accepted {
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 fn is_length_limit(error: &axum::Error) -> bool {
@@ -172,7 +221,10 @@ mod tests {
         let vectors = std::fs::read_to_string(format!("{dir}/SIGNATURES.txt")).unwrap();
         let secrets = Secrets::new([SECRET]);
         let mut checked = 0;
-        for line in vectors.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        for line in vectors
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
             let (signature, file) = line.split_once("  ").unwrap();
             let body = std::fs::read(format!("{dir}/{file}")).unwrap();
             assert!(secrets.verify(&body, Some(signature.as_bytes())), "{file}");

@@ -38,7 +38,11 @@ pub struct ProjectorConfig {
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
-        Self { batch_size: 1000, poll_interval: Duration::from_secs(1), retry_interval: Duration::from_millis(500) }
+        Self {
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            retry_interval: Duration::from_millis(500),
+        }
     }
 }
 
@@ -72,7 +76,11 @@ pub async fn run(pool: PgPool, config: ProjectorConfig, shutdown: CancellationTo
     tracing::info!("projector stopped");
 }
 
-async fn lead(pool: &PgPool, config: &ProjectorConfig, shutdown: &CancellationToken) -> store::Result<()> {
+async fn lead(
+    pool: &PgPool,
+    config: &ProjectorConfig,
+    shutdown: &CancellationToken,
+) -> store::Result<()> {
     // A connection of its own: the leader lock lives exactly as long as this session.
     let mut conn = pool.acquire().await?.detach();
     let mut announced = false;
@@ -119,16 +127,26 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
     let events = store::log::read_after(&mut tx, checkpoint, batch_size).await?;
     let Some(last) = events.last().map(|e| e.position) else {
         tx.rollback().await?;
-        return Ok(BatchOutcome { checkpoint, ..BatchOutcome::default() });
+        return Ok(BatchOutcome {
+            checkpoint,
+            ..BatchOutcome::default()
+        });
     };
-    let folded = events.iter().filter(|e| EventKind::of(&e.event).is_account_event());
-    let accounts: Vec<Uuid> =
-        folded.clone().filter_map(|e| e.account_id).collect::<HashSet<_>>().into_iter().collect();
-    let mut snapshots: HashMap<Uuid, AccountSnapshot> = store::snapshots::get_many(&mut tx, &accounts)
-        .await?
+    let folded = events
+        .iter()
+        .filter(|e| EventKind::of(&e.event).is_account_event());
+    let accounts: Vec<Uuid> = folded
+        .clone()
+        .filter_map(|e| e.account_id)
+        .collect::<HashSet<_>>()
         .into_iter()
-        .map(|s| (s.account_id, s))
         .collect();
+    let mut snapshots: HashMap<Uuid, AccountSnapshot> =
+        store::snapshots::get_many(&mut tx, &accounts)
+            .await?
+            .into_iter()
+            .map(|s| (s.account_id, s))
+            .collect();
     let mut touched = HashSet::new();
     let mut refused = 0;
     for stored in folded {
@@ -140,7 +158,9 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
                 continue;
             }
         };
-        let Some(account) = logged.envelope.account else { continue };
+        let Some(account) = logged.envelope.account else {
+            continue;
+        };
         let current = snapshots.get(&account).cloned();
         match domain::apply(current, &logged) {
             Ok(Some(next)) => {
@@ -154,9 +174,17 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
             }
         }
     }
-    let changed: Vec<AccountSnapshot> = touched.iter().filter_map(|id| snapshots.remove(id)).collect();
+    let changed: Vec<AccountSnapshot> = touched
+        .iter()
+        .filter_map(|id| snapshots.remove(id))
+        .collect();
     store::snapshots::save(&mut tx, &changed).await?;
     store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, last).await?;
     tx.commit().await?;
-    Ok(BatchOutcome { events: events.len(), snapshots_written: changed.len(), refused, checkpoint: last })
+    Ok(BatchOutcome {
+        events: events.len(),
+        snapshots_written: changed.len(),
+        refused,
+        checkpoint: last,
+    })
 }

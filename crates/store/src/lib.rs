@@ -61,7 +61,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
-        if is_transient(&error) { Self::Unavailable(error) } else { Self::Database(error) }
+        if is_transient(&error) {
+            Self::Unavailable(error)
+        } else {
+            Self::Database(error)
+        }
     }
 }
 
@@ -74,7 +78,10 @@ impl Error {
 
 fn is_transient(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => true,
         sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // connection exceptions, insufficient resources, query canceled (statement timeout),
@@ -97,7 +104,8 @@ pub struct DbOptions {
     pub acquire_timeout: Duration,
     /// Postgres cancels any statement running longer than this (also bounds lock waits).
     pub statement_timeout: Duration,
-    /// Shown in `pg_stat_activity`, so an operator can tell the roles apart.
+    /// Shown in `pg_stat_activity`, so an operator can tell the roles apart; an `application_name`
+    /// in the database URL takes precedence.
     pub application_name: String,
 }
 
@@ -120,9 +128,14 @@ pub fn connect_options(database_url: &str) -> Result<PgConnectOptions> {
 /// A pool that connects on first use, so a server can start (and report not ready) while Postgres
 /// is down.
 pub fn pool(database_url: &str, options: &DbOptions) -> Result<PgPool> {
-    let connect = connect_options(database_url)?
-        .application_name(&options.application_name)
-        .options([("statement_timeout", format!("{}", options.statement_timeout.as_millis()))]);
+    let mut connect = connect_options(database_url)?;
+    if connect.get_application_name().is_none() {
+        connect = connect.application_name(&options.application_name);
+    }
+    let connect = connect.options([(
+        "statement_timeout",
+        format!("{}", options.statement_timeout.as_millis()),
+    )]);
     Ok(PgPoolOptions::new()
         .max_connections(options.max_connections)
         .acquire_timeout(options.acquire_timeout)

@@ -34,7 +34,11 @@ pub struct Appended {
 
 /// Appends one delivery in its own transaction and commits it: when this returns `Ok`, the delivery
 /// is durable.
-pub async fn append(pool: &PgPool, delivery: NewDelivery<'_>, dedup_window: Duration) -> Result<Appended> {
+pub async fn append(
+    pool: &PgPool,
+    delivery: NewDelivery<'_>,
+    dedup_window: Duration,
+) -> Result<Appended> {
     let mut tx = pool.begin().await?;
     let appended = append_in(&mut tx, delivery, dedup_window).await?;
     tx.commit().await?;
@@ -52,7 +56,10 @@ pub async fn append_in(
     dedup_window: Duration,
 ) -> Result<Appended> {
     let sha256 = Sha256::digest(delivery.body).to_vec();
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut *conn)
+        .await?;
     let original: Option<i64> = sqlx::query_scalar(
         "SELECT position FROM events
          WHERE body_sha256 = $1 AND received_at > clock_timestamp() - make_interval(secs => $2)
@@ -68,7 +75,10 @@ pub async fn append_in(
             .bind(delivery.signature)
             .execute(&mut *conn)
             .await?;
-        return Ok(Appended { position, duplicate: true });
+        return Ok(Appended {
+            position,
+            duplicate: true,
+        });
     }
     // Under the lock, head + 1 is free and every lower position is already visible. received_at
     // never goes back along the log, so "received at or before T" is always a prefix of it.
@@ -89,7 +99,10 @@ pub async fn append_in(
     .bind(delivery.signature)
     .fetch_one(&mut *conn)
     .await?;
-    Ok(Appended { position, duplicate: false })
+    Ok(Appended {
+        position,
+        duplicate: false,
+    })
 }
 
 /// One event as stored, with the raw body the fold parses.
@@ -116,7 +129,11 @@ impl StoredEvent {
 
 /// Up to `limit` events with `position > after`, in log order.
 #[tracing::instrument(skip(conn))]
-pub async fn read_after(conn: &mut PgConnection, after: i64, limit: i64) -> Result<Vec<StoredEvent>> {
+pub async fn read_after(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>> {
     Ok(sqlx::query_as(
         "SELECT position, received_at, event, account_id, user_id, body
          FROM events WHERE position > $1 ORDER BY position LIMIT $2",
@@ -141,17 +158,23 @@ pub async fn read_account(conn: &mut PgConnection, account_id: Uuid) -> Result<V
 
 /// The highest position in the log (0 when empty).
 pub async fn head(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT coalesce(max(position), 0)::bigint FROM events").fetch_one(conn).await?)
+    Ok(
+        sqlx::query_scalar("SELECT coalesce(max(position), 0)::bigint FROM events")
+            .fetch_one(conn)
+            .await?,
+    )
 }
 
 /// Counts of what the log holds: distinct events and all deliveries (events plus redeliveries).
 pub async fn counts(conn: &mut PgConnection) -> Result<LogCounts> {
-    let (events, redeliveries): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM redeliveries)",
-    )
-    .fetch_one(conn)
-    .await?;
-    Ok(LogCounts { events, deliveries: events + redeliveries })
+    let (events, redeliveries): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM redeliveries)")
+            .fetch_one(conn)
+            .await?;
+    Ok(LogCounts {
+        events,
+        deliveries: events + redeliveries,
+    })
 }
 
 /// See [`counts`].

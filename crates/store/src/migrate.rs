@@ -25,30 +25,47 @@ pub struct MigrationReport {
 
 /// The highest migration version this build knows.
 pub fn latest_version() -> i64 {
-    embedded::migrations::runner().get_migrations().iter().map(|m| i64::from(m.version())).max().unwrap_or(0)
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Creates the database named in `database_url` if it does not exist, then applies pending migrations.
 #[tracing::instrument(skip_all)]
 pub async fn migrate(database_url: &str) -> Result<MigrationReport> {
     let created_database = create_database_if_missing(database_url).await?;
-    let config: tokio_postgres::Config =
-        database_url.parse().map_err(|e: tokio_postgres::Error| Error::InvalidUrl(e.to_string()))?;
+    let config: tokio_postgres::Config = database_url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| Error::InvalidUrl(e.to_string()))?;
     let (mut client, connection) = config.connect(NoTls).await.map_err(migration_error)?;
     let connection = tokio::spawn(connection);
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(migration_error)?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(migration_error)?;
     let report = embedded::migrations::runner().run_async(&mut client).await;
     // The lock is a session lock: closing the connection releases it even if unlock is never sent.
-    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
     drop(client);
     let _ = connection.await;
     let report = report.map_err(|e| Error::Migration(e.to_string()))?;
-    let applied: Vec<String> =
-        report.applied_migrations().iter().map(|m| format!("V{}__{}", m.version(), m.name())).collect();
+    let applied: Vec<String> = report
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect();
     for name in &applied {
         tracing::info!(migration = %name, "applied migration");
     }
-    Ok(MigrationReport { created_database, applied })
+    Ok(MigrationReport {
+        created_database,
+        applied,
+    })
 }
 
 fn migration_error(error: tokio_postgres::Error) -> Error {

@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use domain::{AccountSnapshot, AccountStatus};
-use sqlx::types::Json;
 use sqlx::PgConnection;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::{Error, Result};
@@ -65,7 +65,10 @@ pub async fn get(conn: &mut PgConnection, account_id: Uuid) -> Result<Option<Acc
 
 /// The snapshots of several accounts (missing ones are simply absent).
 #[tracing::instrument(skip_all, fields(accounts = account_ids.len()))]
-pub async fn get_many(conn: &mut PgConnection, account_ids: &[Uuid]) -> Result<Vec<AccountSnapshot>> {
+pub async fn get_many(
+    conn: &mut PgConnection,
+    account_ids: &[Uuid],
+) -> Result<Vec<AccountSnapshot>> {
     let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE account_id = ANY($1)"
     )))
@@ -128,39 +131,63 @@ pub async fn save(conn: &mut PgConnection, snapshots: &[AccountSnapshot]) -> Res
 
 /// The checkpoint of a projection, locked until the end of the caller's transaction.
 pub async fn lock_checkpoint(conn: &mut PgConnection, name: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE name = $1 FOR UPDATE")
-        .bind(name)
-        .fetch_one(conn)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_one(conn)
+            .await?,
+    )
 }
 
 /// The checkpoint of a projection.
 pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE name = $1")
-        .bind(name)
-        .fetch_one(conn)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_one(conn)
+            .await?,
+    )
 }
 
 /// Moves a checkpoint from `from` to `to`; fails with [`Error::Fenced`] if it was not at `from`.
-pub async fn advance_checkpoint(conn: &mut PgConnection, name: &str, from: i64, to: i64) -> Result<()> {
-    let moved = sqlx::query("UPDATE projector_checkpoints SET position = $3 WHERE name = $1 AND position = $2")
-        .bind(name)
-        .bind(from)
-        .bind(to)
-        .execute(conn)
-        .await?
-        .rows_affected();
-    if moved == 1 { Ok(()) } else { Err(Error::Fenced { name: name.to_owned(), expected: from }) }
+pub async fn advance_checkpoint(
+    conn: &mut PgConnection,
+    name: &str,
+    from: i64,
+    to: i64,
+) -> Result<()> {
+    let moved = sqlx::query(
+        "UPDATE projector_checkpoints SET position = $3 WHERE name = $1 AND position = $2",
+    )
+    .bind(name)
+    .bind(from)
+    .bind(to)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    if moved == 1 {
+        Ok(())
+    } else {
+        Err(Error::Fenced {
+            name: name.to_owned(),
+            expected: from,
+        })
+    }
 }
 
 /// Tries to become the writing projector; the lock lives as long as this session.
 pub async fn try_lock_leader(conn: &mut PgConnection) -> Result<bool> {
-    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LEADER_LOCK).fetch_one(conn).await?)
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(LEADER_LOCK)
+        .fetch_one(conn)
+        .await?)
 }
 
 /// Gives up leadership held by this session.
 pub async fn unlock_leader(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("SELECT pg_advisory_unlock($1)").bind(LEADER_LOCK).execute(conn).await?;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LEADER_LOCK)
+        .execute(conn)
+        .await?;
     Ok(())
 }

@@ -1,0 +1,114 @@
+//! The query API's edges: ids, tokens, health.
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn unknown_and_malformed_ids_are_clear_errors() {
+    let app = spawn_app().await;
+    let missing = app.get(&format!("/v1/accounts/{}", Uuid::new_v4())).await;
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.headers()[CONTENT_TYPE], "application/problem+json");
+    assert_eq!(
+        missing.json::<serde_json::Value>().await.unwrap()["code"],
+        "not_found"
+    );
+    for path in [
+        "/v1/accounts/not-a-uuid",
+        "/v1/accounts/%27%20OR%201=1",
+        "/v1/users/123/accounts",
+    ] {
+        let response = app.get(path).await;
+        assert_eq!(response.status(), 400, "{path}");
+        assert_eq!(
+            response.json::<serde_json::Value>().await.unwrap()["code"],
+            "invalid_id",
+            "{path}"
+        );
+    }
+    let unknown = app.get("/v1/../etc/passwd").await;
+    assert_eq!(unknown.status(), 404);
+    let nobody: serde_json::Value = app
+        .get(&format!("/v1/users/{}/accounts", Uuid::nil()))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(nobody["accounts"], serde_json::json!([]));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bearer_tokens_guard_v1_when_configured() {
+    let mut settings = test_settings().await;
+    settings.api_tokens = vec!["token-one".into(), "token-two".into()];
+    let app = spawn_app_with(settings).await;
+    app.deliver(&fixture("01_accounts.added.json")).await;
+    app.wait_for_projection().await;
+    let url = format!("{}/v1/accounts/{ACCOUNT}", app.address);
+    for presented in [
+        None,
+        Some("Bearer token-on"),
+        Some("Bearer token-one2"),
+        Some("token-one"),
+        Some("Bearer "),
+        Some("Basic dG9rZW4tb25l"),
+    ] {
+        let mut request = app.client.get(&url);
+        if let Some(value) = presented {
+            request = request.header(AUTHORIZATION, value);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "{presented:?}");
+        assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer");
+        assert_eq!(
+            response.json::<serde_json::Value>().await.unwrap()["code"],
+            "unauthorized"
+        );
+    }
+    for token in ["token-one", "token-two"] {
+        let response = app
+            .client
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{token}");
+    }
+    let response = app
+        .client
+        .get(&url)
+        .header(AUTHORIZATION, "bearer token-one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the scheme is case-insensitive");
+    assert_eq!(
+        app.get("/healthz").await.status(),
+        200,
+        "health needs no token"
+    );
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_fails_while_migrations_are_pending() {
+    let mut settings = test_settings().await;
+    settings.migrate = false;
+    settings.role = account_projector::Role::Api;
+    let app = spawn_app_with(settings).await;
+    let response = app.get("/readyz").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["code"],
+        "not_ready"
+    );
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    store::migrate::migrate(&app.database_url).await.unwrap();
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    app.stop().await;
+}

@@ -1,0 +1,210 @@
+//! Gap safety under concurrent appends, and one writer among several projectors.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_while_projecting_are_each_folded_exactly_once() {
+    let mut settings = test_settings().await;
+    settings.projector.batch_size = 7; // many small batches interleaved with the appends
+    let app = Arc::new(spawn_app_with(settings).await);
+    let accounts: Vec<(Uuid, Uuid)> = (0..6).map(|_| (Uuid::new_v4(), Uuid::new_v4())).collect();
+    let (appenders, per_appender) = (12u32, 40u32);
+    let mut tasks = vec![];
+    for appender in 0..appenders {
+        let app = app.clone();
+        let accounts = accounts.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut positions = vec![];
+            for i in 0..per_appender {
+                let (account, user) = accounts[((appender + i) as usize) % accounts.len()];
+                let (position, duplicate) = app
+                    .deliver(&refinement(account, user, appender * 1000 + i))
+                    .await;
+                assert!(!duplicate);
+                positions.push((account, position));
+            }
+            positions
+        }));
+    }
+    let mut appended: BTreeMap<Uuid, Vec<i64>> = BTreeMap::new();
+    for task in tasks {
+        for (account, position) in task.await.unwrap() {
+            appended.entry(account).or_default().push(position);
+        }
+    }
+    let total = i64::from(appenders * per_appender);
+    let mut all: Vec<i64> = appended.values().flatten().copied().collect();
+    all.sort();
+    assert_eq!(
+        all,
+        (1..=total).collect::<Vec<_>>(),
+        "positions are dense and unique"
+    );
+    app.wait_for_projection().await;
+    let snapshots = stored_snapshots(&app.pool).await;
+    for (account, positions) in &appended {
+        let snapshot = &snapshots[account];
+        assert_eq!(
+            snapshot.version,
+            positions.len() as i64,
+            "every event folded once for {account}"
+        );
+        assert_eq!(snapshot.last_position, *positions.iter().max().unwrap());
+    }
+    assert_eq!(snapshots, fresh_fold(&app.pool).await);
+    Arc::into_inner(app).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
+    let database_url = migrated_database().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let (a, b) = (
+        refinement(Uuid::new_v4(), Uuid::new_v4(), 1),
+        refinement(Uuid::new_v4(), Uuid::new_v4(), 2),
+    );
+    let (ea, eb) = (
+        domain::Envelope::parse(&a).unwrap(),
+        domain::Envelope::parse(&b).unwrap(),
+    );
+    let window = Duration::from_secs(60);
+
+    // Transaction one appends position 1 and does not commit yet.
+    let mut first = pool.begin().await.unwrap();
+    let delivery = store::log::NewDelivery {
+        body: &a,
+        signature: None,
+        envelope: &ea,
+    };
+    assert_eq!(
+        store::log::append_in(&mut first, delivery, window)
+            .await
+            .unwrap()
+            .position,
+        1
+    );
+
+    // A second append starts meanwhile.
+    let second = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let delivery = store::log::NewDelivery {
+                body: &b,
+                signature: None,
+                envelope: &eb,
+            };
+            store::log::append(&pool, delivery, window)
+                .await
+                .unwrap()
+                .position
+        }
+    });
+    // However long we look, a reader sees nothing: not position 2 ahead of the uncommitted 1.
+    let mut reader = pool.acquire().await.unwrap();
+    for _ in 0..20 {
+        assert!(
+            store::log::read_after(&mut reader, 0, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            !second.is_finished(),
+            "the second append waits for the first"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.commit().await.unwrap();
+    assert_eq!(second.await.unwrap(), 2);
+    let seen: Vec<i64> = store::log::read_after(&mut reader, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(seen, [1, 2]);
+}
+
+#[tokio::test]
+async fn two_projectors_never_write_at_once_and_the_standby_takes_over() {
+    let database_url = migrated_database().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    // Record which Postgres session moves the checkpoint, in order.
+    sqlx::raw_sql(
+        "CREATE TABLE checkpoint_writers (seq bigserial, writer text, position bigint);
+         CREATE FUNCTION record_checkpoint_writer() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO checkpoint_writers (writer, position)
+              VALUES (current_setting('application_name'), NEW.position); RETURN NEW; END $$;
+         CREATE TRIGGER record_checkpoint_writers AFTER UPDATE ON projector_checkpoints
+           FOR EACH ROW EXECUTE FUNCTION record_checkpoint_writer();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut a = spawn_binary(
+        &database_url,
+        "projector",
+        "projector-a",
+        &[("PROJECTOR_BATCH_SIZE", "5")],
+    );
+    let mut b = spawn_binary(
+        &database_url,
+        "projector",
+        "projector-b",
+        &[("PROJECTOR_BATCH_SIZE", "5")],
+    );
+    let first_leader = poll_for("one projector leads", || leader(&pool)).await;
+    let accounts: Vec<(Uuid, Uuid)> = (0..4).map(|_| (Uuid::new_v4(), Uuid::new_v4())).collect();
+    for step in 0..60 {
+        let (account, user) = accounts[step as usize % 4];
+        append_direct(&pool, &refinement(account, user, step)).await;
+    }
+    wait_for_projection(&pool).await;
+    assert_eq!(
+        leader(&pool).await.as_deref(),
+        Some(first_leader.as_str()),
+        "leadership is stable"
+    );
+
+    // Kill the leader outright; the standby must take over and fold what comes next.
+    let (dead, survivor) = if first_leader == a.name {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    dead.process.kill().await.unwrap();
+    for step in 60..120 {
+        let (account, user) = accounts[step as usize % 4];
+        append_direct(&pool, &refinement(account, user, step)).await;
+    }
+    wait_for_projection(&pool).await;
+    assert_eq!(leader(&pool).await, Some(survivor.name.clone()));
+
+    let writers: Vec<String> =
+        sqlx::query_scalar("SELECT writer FROM checkpoint_writers ORDER BY seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let switch = writers
+        .iter()
+        .position(|w| *w != first_leader)
+        .expect("the survivor wrote");
+    assert!(writers[..switch].iter().all(|w| *w == first_leader));
+    assert!(
+        writers[switch..].iter().all(|w| *w == survivor.name),
+        "never two writers: {writers:?}"
+    );
+    let snapshots = stored_snapshots(&pool).await;
+    assert!(
+        snapshots.values().all(|s| s.version == 30),
+        "each event folded exactly once"
+    );
+    assert_eq!(snapshots, fresh_fold(&pool).await);
+    survivor.process.kill().await.unwrap();
+}
