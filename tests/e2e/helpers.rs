@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use account_projector::{Application, Settings};
 use domain::AccountSnapshot;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha512;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::OnceCell;

@@ -244,7 +244,10 @@ async fn the_projector_wakes_on_notification_without_waiting_for_its_poll() {
     let mut settings = test_settings().await;
     settings.projector.poll_interval = std::time::Duration::from_secs(3600);
     let app = spawn_app_with(settings).await;
-    poll_until("the projector leads", || async { leader(&app.pool).await.is_some() }).await;
+    poll_until("the projector leads", || async {
+        leader(&app.pool).await.is_some()
+    })
+    .await;
     app.deliver(&fixture("01_accounts.added.json")).await;
     app.wait_for_projection().await;
     assert_eq!(app.account_view(ACCOUNT).await["version"], 1);
