@@ -419,3 +419,26 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Runs the binary to completion with `args` against `database_url`; returns (exit code, stdout, stderr).
+pub async fn run_binary(
+    database_url: &str,
+    args: &[&str],
+    extra_env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_account-projector"));
+    command
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .env_remove("ARGYLE_WEBHOOK_SECRETS");
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    let output = command.output().await.expect("the binary runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}

@@ -5,10 +5,13 @@
 //!   flags and environment variables).
 //! - [`Application`]: binds the listener, runs migrations, and runs the chosen roles until a
 //!   shutdown token fires. Tests build one on port 0 against a database of their own.
+//! - [`export`]: the NDJSON audit export; [`progress`]: progress bars and lines for long work.
 //! - [`telemetry`]: tracing setup (`RUST_LOG`, `LOG_FORMAT`).
 
 #![forbid(unsafe_code)]
 
+pub mod export;
+pub mod progress;
 pub mod telemetry;
 
 use std::sync::Arc;

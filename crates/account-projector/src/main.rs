@@ -6,10 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use account_projector::telemetry::{self, LogFormat};
-use account_projector::{Application, Role, Settings};
+use account_projector::{Application, Role, Settings, export, progress};
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
-use projector::ProjectorConfig;
+use projector::{ProjectorConfig, rebuild};
+use store::log::ExportFilter;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Keeps an exact, auditable view of payroll accounts connected through Argyle: signed webhooks go
 /// into an append-only Postgres event log, and a projector folds it into one snapshot per account.
@@ -46,6 +49,61 @@ enum Command {
     Migrate,
     /// Run the service: webhook ingest, projector and query API (or one of them, by --role).
     Serve(ServeArgs),
+    /// Refold snapshots from the event log and swap them in, while the service keeps running.
+    ///
+    /// With --verify nothing is written: the live snapshots are compared with a fresh fold of the
+    /// log, each difference is printed (account id and differing fields), and the exit status is 1
+    /// if there is any.
+    Rebuild(RebuildArgs),
+    /// Audit export: every event as one NDJSON line on stdout, in log order, with its raw body,
+    /// sha256, signature header as received, and the signature re-checked now.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RebuildArgs {
+    /// Compare instead of rebuilding; write nothing; exit 1 if any snapshot differs.
+    #[arg(long)]
+    verify: bool,
+
+    /// Only this account.
+    #[arg(long, value_name = "ID")]
+    account: Option<Uuid>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// Only events of this account.
+    #[arg(long, value_name = "ID")]
+    account: Option<Uuid>,
+
+    /// Only events of this user.
+    #[arg(long, value_name = "ID")]
+    user: Option<Uuid>,
+
+    /// Only events received at or after this RFC 3339 instant.
+    #[arg(long, value_name = "T", value_parser = parse_instant)]
+    since: Option<DateTime<Utc>>,
+
+    /// Only events received before this RFC 3339 instant (exclusive, so consecutive ranges tile).
+    #[arg(long, value_name = "T", value_parser = parse_instant)]
+    until: Option<DateTime<Utc>>,
+
+    /// Comma-separated webhook secrets to re-check signatures with; without any,
+    /// `signature_valid` is null.
+    #[arg(
+        long,
+        env = "ARGYLE_WEBHOOK_SECRETS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    webhook_secrets: Vec<String>,
+}
+
+fn parse_instant(raw: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{e}; expected RFC 3339, e.g. 2026-03-03T10:00:00Z"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -120,7 +178,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("error: {error:#}");
@@ -129,12 +187,32 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate => {
             let report = store::migrate::migrate(&cli.database_url).await?;
             tracing::info!(created_database = report.created_database, applied = ?report.applied, "migrations done");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rebuild(args) => rebuild(&cli.database_url, args).await,
+        Command::Export(args) => {
+            let pool = batch_pool(&cli.database_url).await?;
+            let filter = ExportFilter {
+                account: args.account,
+                user: args.user,
+                since: args.since,
+                until: args.until,
+            };
+            let secrets = ingest::Secrets::new(&args.webhook_secrets);
+            match export::export(&pool, filter, &secrets, tokio::io::stdout()).await {
+                Ok(lines) => tracing::info!(lines, "export done"),
+                // The reader went away (`| head`): not an error of ours.
+                Err(e)
+                    if e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => {
             let mut settings = Settings::new(cli.database_url);
@@ -156,8 +234,62 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let app = Application::build(settings).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
-            app.run_until_stopped(shutdown).await
+            app.run_until_stopped(shutdown).await?;
+            Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A pool for long-running commands: no statement timeout, and the schema must be current.
+async fn batch_pool(database_url: &str) -> anyhow::Result<store::PgPool> {
+    let options = store::DbOptions {
+        max_connections: 4,
+        statement_timeout: Duration::ZERO,
+        application_name: "account-projector cli".into(),
+        ..store::DbOptions::default()
+    };
+    let pool = store::pool(database_url, &options)?;
+    store::check_ready(&pool)
+        .await
+        .map_err(|reason| match reason {
+            store::NotReady::Unavailable => anyhow::anyhow!("cannot reach the database"),
+            store::NotReady::MigrationsPending => {
+                anyhow::anyhow!(
+                    "the database is not migrated; run `account-projector migrate` first"
+                )
+            }
+        })?;
+    Ok(pool)
+}
+
+async fn rebuild(database_url: &str, args: RebuildArgs) -> anyhow::Result<ExitCode> {
+    let pool = batch_pool(database_url).await?;
+    if args.verify {
+        let progress = progress::for_stderr("verify");
+        let differences = rebuild::verify(&pool, args.account, progress.as_ref()).await?;
+        for difference in &differences {
+            println!("{} {}", difference.account_id, difference.fields.join(","));
+        }
+        if differences.is_empty() {
+            eprintln!("verify: every snapshot equals a fresh fold of the log");
+            Ok(ExitCode::SUCCESS)
+        } else {
+            eprintln!(
+                "verify: {} snapshot(s) differ from the log",
+                differences.len()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    } else {
+        let report = match args.account {
+            Some(account) => rebuild::rebuild_account(&pool, account).await?,
+            None => rebuild::rebuild_all(&pool, progress::for_stderr("rebuild").as_ref()).await?,
+        };
+        eprintln!(
+            "rebuild: folded {} events into {} snapshot(s); checkpoint {}",
+            report.events, report.accounts, report.checkpoint
+        );
+        Ok(ExitCode::SUCCESS)
     }
 }
 

@@ -3,14 +3,17 @@
 //! # Layout
 //! - [`problem`]: [`Problem`], the RFC 9457 error every route (ingest included) answers with.
 //! - [`router`]: `/v1` routes behind bearer tokens; [`health_router`]: `/healthz`, `/readyz`.
+//! - `history`: the audit routes: an account's events, the global log, field-level changes, and
+//!   time travel (`?as_of=` / `?at_position=`), all replayed with the same [`domain::apply`].
 
 #![forbid(unsafe_code)]
 
+mod history;
 pub mod problem;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +39,15 @@ pub struct ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/accounts/{account_id}", get(get_account))
+        .route(
+            "/v1/accounts/{account_id}/events",
+            get(history::account_events),
+        )
+        .route(
+            "/v1/accounts/{account_id}/changes",
+            get(history::account_changes),
+        )
+        .route("/v1/events", get(history::all_events))
         .route("/v1/users/{user_id}/accounts", get(get_user_accounts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -75,20 +87,25 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
     }
 }
 
-fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
+pub(crate) fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
     Uuid::try_parse(raw).map_err(|_| Problem::invalid_id(format!("{what} is not a UUID")))
 }
 
 async fn get_account(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<AccountView>, Problem> {
     let account_id = parse_id(&raw, "account_id")?;
+    let until = history::Params::parse(query.as_deref())?.until()?;
     let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
-    match store::snapshots::get(&mut conn, account_id).await? {
-        Some(snapshot) => Ok(Json(snapshot.view())),
-        None => Err(Problem::not_found(format!("no account {account_id}"))),
-    }
+    let snapshot = match until {
+        None => store::snapshots::get(&mut conn, account_id).await?,
+        Some(until) => history::replay(&mut conn, account_id, until).await?,
+    };
+    snapshot
+        .map(|s| Json(s.view()))
+        .ok_or_else(|| Problem::not_found(format!("no account {account_id}")))
 }
 
 #[derive(Serialize)]

@@ -93,6 +93,31 @@ impl AccountSnapshot {
         self.resource.as_ref().and_then(updated_at)
     }
 
+    /// Names of the fields in which `other` differs from `self` (empty when equal).
+    pub fn differing_fields(&self, other: &AccountSnapshot) -> Vec<&'static str> {
+        let mut fields = vec![];
+        let mut check = |name, same: bool| {
+            if !same {
+                fields.push(name);
+            }
+        };
+        check("account_id", self.account_id == other.account_id);
+        check("user_id", self.user_id == other.user_id);
+        check("status", self.status == other.status);
+        check(
+            "connection_status",
+            self.connection_status == other.connection_status,
+        );
+        check("resource", self.resource == other.resource);
+        check("version", self.version == other.version);
+        check("last_position", self.last_position == other.last_position);
+        check("last_event", self.last_event == other.last_event);
+        check("first_seen_at", self.first_seen_at == other.first_seen_at);
+        check("last_event_at", self.last_event_at == other.last_event_at);
+        check("removed_at", self.removed_at == other.removed_at);
+        fields
+    }
+
     /// The account view served by the API.
     pub fn view(&self) -> AccountView {
         AccountView {

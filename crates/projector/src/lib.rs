@@ -5,6 +5,8 @@
 //!   from the checkpoint, and waits for an append notification (or the poll interval) to go again.
 //! - [`run_batch`]: one step: read up to `batch_size` events after the checkpoint, fold them with
 //!   [`domain::apply`], write each changed snapshot once and the new checkpoint in one transaction.
+//! - [`rebuild`]: refolding every snapshot from position 0 into a shadow table and swapping it in,
+//!   and verifying the live snapshots against a fresh fold, both in constant memory.
 //!
 //! # Why at most one writer, and why a crash loses nothing
 //! Leadership is a session advisory lock, and every batch runs on the very connection that holds it:
@@ -14,14 +16,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod rebuild;
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use domain::{AccountSnapshot, EventKind};
 use sqlx::{Connection, PgConnection};
 use store::PgPool;
-use store::log::AppendNotifications;
-use store::snapshots::CHECKPOINT;
+use store::log::{AppendNotifications, StoredEvent};
+use store::snapshots::{CHECKPOINT, Table};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -132,6 +136,24 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
             ..BatchOutcome::default()
         });
     };
+    let (snapshots_written, refused) = fold_into(&mut tx, Table::Live, &events).await?;
+    store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, last).await?;
+    tx.commit().await?;
+    Ok(BatchOutcome {
+        events: events.len(),
+        snapshots_written,
+        refused,
+        checkpoint: last,
+    })
+}
+
+/// Folds `events` (in log order) into the snapshots of `table`, writing each touched account once.
+/// Returns the number of snapshots written and of events the fold refused.
+pub(crate) async fn fold_into(
+    conn: &mut PgConnection,
+    table: Table,
+    events: &[StoredEvent],
+) -> store::Result<(usize, usize)> {
     let folded = events
         .iter()
         .filter(|e| EventKind::of(&e.event).is_account_event());
@@ -142,7 +164,7 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
         .into_iter()
         .collect();
     let mut snapshots: HashMap<Uuid, AccountSnapshot> =
-        store::snapshots::get_many(&mut tx, &accounts)
+        store::snapshots::get_many(conn, table, &accounts)
             .await?
             .into_iter()
             .map(|s| (s.account_id, s))
@@ -150,41 +172,37 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
     let mut touched = HashSet::new();
     let mut refused = 0;
     for stored in folded {
-        let logged = match stored.to_logged() {
-            Ok(logged) => logged,
-            Err(error) => {
-                tracing::error!(position = stored.position, %error, "stored event does not parse; not folded");
-                refused += 1;
-                continue;
-            }
-        };
-        let Some(account) = logged.envelope.account else {
+        let Some(account) = stored.account_id else {
             continue;
         };
         let current = snapshots.get(&account).cloned();
-        match domain::apply(current, &logged) {
+        match fold_stored(current, stored) {
             Ok(Some(next)) => {
                 snapshots.insert(account, next);
                 touched.insert(account);
             }
             Ok(None) => {}
-            Err(error) => {
-                tracing::error!(position = stored.position, %account, %error, "event refused by the fold");
-                refused += 1;
-            }
+            Err(()) => refused += 1,
         }
     }
     let changed: Vec<AccountSnapshot> = touched
         .iter()
         .filter_map(|id| snapshots.remove(id))
         .collect();
-    store::snapshots::save(&mut tx, &changed).await?;
-    store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, last).await?;
-    tx.commit().await?;
-    Ok(BatchOutcome {
-        events: events.len(),
-        snapshots_written: changed.len(),
-        refused,
-        checkpoint: last,
+    store::snapshots::save(conn, table, &changed).await?;
+    Ok((changed.len(), refused))
+}
+
+/// Applies one stored event with [`domain::apply`]; a body that no longer parses or an event the fold
+/// refuses is logged and reported as `Err(())`, and the snapshot stays as it was.
+pub(crate) fn fold_stored(
+    current: Option<AccountSnapshot>,
+    stored: &StoredEvent,
+) -> Result<Option<AccountSnapshot>, ()> {
+    let logged = stored.to_logged().map_err(|error| {
+        tracing::error!(position = stored.position, %error, "stored event does not parse; not folded");
+    })?;
+    domain::apply(current, &logged).map_err(|error| {
+        tracing::error!(position = stored.position, account = ?stored.account_id, %error, "event refused by the fold");
     })
 }

@@ -167,3 +167,38 @@ pub enum NotReady {
     #[error("database migrations are pending")]
     MigrationsPending,
 }
+
+/// Starts a read-only transaction that sees one consistent snapshot of the database throughout.
+pub async fn begin_consistent_read(conn: &mut PgConnection) -> Result<Transaction<'_, Postgres>> {
+    use sqlx::Connection;
+    Ok(conn
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?)
+}
+
+/// Exports the snapshot of a [`begin_consistent_read`] transaction so another session can share it.
+pub async fn export_snapshot(tx: &mut PgConnection) -> Result<String> {
+    Ok(sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(tx)
+        .await?)
+}
+
+/// Starts a read-only transaction that sees exactly the snapshot exported by [`export_snapshot`].
+pub async fn begin_shared_read<'c>(
+    conn: &'c mut PgConnection,
+    snapshot: &str,
+) -> Result<Transaction<'c, Postgres>> {
+    if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(Error::Database(sqlx::Error::Protocol(format!(
+            "unexpected snapshot id {snapshot:?}"
+        ))));
+    }
+    let mut tx = begin_consistent_read(conn).await?;
+    // SET TRANSACTION takes no parameters; the id was checked to be hex digits and dashes above.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET TRANSACTION SNAPSHOT '{snapshot}'"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    Ok(tx)
+}

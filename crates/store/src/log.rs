@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::{Envelope, EnvelopeError, LoggedEvent};
+use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
@@ -200,4 +201,155 @@ impl AppendNotifications {
         self.0.recv().await?;
         Ok(())
     }
+}
+
+/// One event as the API and the export show it: the stored row plus how often it was delivered.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct EventRecord {
+    pub position: i64,
+    pub received_at: DateTime<Utc>,
+    pub event: String,
+    pub account_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+    /// The first delivery plus every redelivery.
+    pub deliveries: i64,
+    /// The request body exactly as received.
+    pub body: Vec<u8>,
+    pub body_sha256: Vec<u8>,
+    /// The `X-Argyle-Signature` header of the first delivery, as received.
+    pub signature: Option<String>,
+}
+
+const RECORD_COLUMNS: &str = "e.position, e.received_at, e.event, e.account_id, e.user_id, e.body, e.body_sha256, \
+     e.signature, 1 + (SELECT count(*) FROM redeliveries r WHERE r.position = e.position) AS deliveries";
+
+/// Up to `limit` events after `after` in log order, of one account or of the whole log.
+#[tracing::instrument(skip(conn))]
+pub async fn page(
+    conn: &mut PgConnection,
+    account: Option<Uuid>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<EventRecord>> {
+    let query = match account {
+        Some(account) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM events e WHERE e.account_id = $3 AND e.position > $1 ORDER BY e.position LIMIT $2"
+        )))
+        .bind(after)
+        .bind(limit)
+        .bind(account),
+        None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM events e WHERE e.position > $1 ORDER BY e.position LIMIT $2"
+        )))
+        .bind(after)
+        .bind(limit),
+    };
+    Ok(query.fetch_all(conn).await?)
+}
+
+/// Which events an export covers. Every bound is optional; `since` is inclusive, `until` exclusive,
+/// so consecutive exports `[a, b)`, `[b, c)` neither overlap nor leave a gap.
+#[derive(Debug, Clone, Default)]
+pub struct ExportFilter {
+    pub account: Option<Uuid>,
+    pub user: Option<Uuid>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Every event matching `filter`, streamed in log order (constant memory).
+pub fn export(conn: &mut PgConnection, filter: ExportFilter) -> BoxStream<'_, Result<EventRecord>> {
+    let mut query =
+        sqlx::QueryBuilder::new(format!("SELECT {RECORD_COLUMNS} FROM events e WHERE true"));
+    if let Some(account) = filter.account {
+        query.push(" AND e.account_id = ").push_bind(account);
+    }
+    if let Some(user) = filter.user {
+        query.push(" AND e.user_id = ").push_bind(user);
+    }
+    if let Some(since) = filter.since {
+        query.push(" AND e.received_at >= ").push_bind(since);
+    }
+    if let Some(until) = filter.until {
+        query.push(" AND e.received_at < ").push_bind(until);
+    }
+    query.push(" ORDER BY e.position");
+    // The stream borrows the builder's SQL, so it is built and driven inside one owned stream.
+    async_stream::try_stream! {
+        let mut rows = query.build_query_as::<EventRecord>().fetch(conn);
+        while let Some(row) = rows.try_next().await? {
+            yield row;
+        }
+    }
+    .boxed()
+}
+
+/// Where a replay of the log stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// The whole log.
+    End,
+    /// Events at positions up to and including this one.
+    Position(i64),
+    /// Events received at or before this instant.
+    ReceivedAt(DateTime<Utc>),
+}
+
+/// One account's events in log order, up to `until`, streamed.
+pub fn account_history(
+    conn: &mut PgConnection,
+    account: Uuid,
+    until: Until,
+) -> BoxStream<'_, Result<StoredEvent>> {
+    const COLUMNS: &str = "SELECT position, received_at, event, account_id, user_id, body FROM events WHERE account_id = $1";
+    let query = match until {
+        Until::End => sqlx::query_as(sqlx::AssertSqlSafe(format!("{COLUMNS} ORDER BY position")))
+            .bind(account),
+        Until::Position(position) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{COLUMNS} AND position <= $2 ORDER BY position"
+        )))
+        .bind(account)
+        .bind(position),
+        Until::ReceivedAt(at) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{COLUMNS} AND received_at <= $2 ORDER BY position"
+        )))
+        .bind(account)
+        .bind(at),
+    };
+    query.fetch(conn).map(|row| row.map_err(Into::into)).boxed()
+}
+
+/// Every `accounts.*` event up to `up_to` (or only `account`'s), streamed ordered by account and then
+/// position, so a rebuild can fold one account at a time in constant memory.
+pub fn account_events_by_account(
+    conn: &mut PgConnection,
+    up_to: i64,
+    account: Option<Uuid>,
+) -> BoxStream<'_, Result<StoredEvent>> {
+    const SQL: &str = "SELECT position, received_at, event, account_id, user_id, body FROM events
+         WHERE position <= $1 AND account_id IS NOT NULL AND event LIKE 'accounts.%'
+           AND ($2::uuid IS NULL OR account_id = $2)
+         ORDER BY account_id, position";
+    sqlx::query_as(SQL)
+        .bind(up_to)
+        .bind(account)
+        .fetch(conn)
+        .map(|row| row.map_err(Into::into))
+        .boxed()
+}
+
+/// How many `accounts.*` events [`account_events_by_account`] will yield.
+pub async fn count_account_events(
+    conn: &mut PgConnection,
+    up_to: i64,
+    account: Option<Uuid>,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE position <= $1 AND account_id IS NOT NULL AND event LIKE 'accounts.%'
+           AND ($2::uuid IS NULL OR account_id = $2)",
+    )
+    .bind(up_to)
+    .bind(account)
+    .fetch_one(conn)
+    .await?)
 }

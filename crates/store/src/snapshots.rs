@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use domain::{AccountSnapshot, AccountStatus};
+use futures_util::stream::{BoxStream, StreamExt};
 use sqlx::PgConnection;
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -13,6 +14,25 @@ pub const CHECKPOINT: &str = "account_snapshots";
 
 /// Session-level advisory lock held by the one projector allowed to write snapshots.
 pub const LEADER_LOCK: i64 = 0x4150_4c45_4144; // "APLEAD"
+
+/// Session-level advisory lock held by a running rebuild, so two cannot share the shadow table.
+pub const REBUILD_LOCK: i64 = 0x4150_5245_4244; // "APREBD"
+
+/// Where snapshots are read and written: the live table the API serves, or the rebuild's shadow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Live,
+    Rebuild,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Live => "account_snapshots",
+            Self::Rebuild => "account_snapshots_rebuild",
+        }
+    }
+}
 
 #[derive(sqlx::FromRow)]
 struct SnapshotRow {
@@ -67,10 +87,12 @@ pub async fn get(conn: &mut PgConnection, account_id: Uuid) -> Result<Option<Acc
 #[tracing::instrument(skip_all, fields(accounts = account_ids.len()))]
 pub async fn get_many(
     conn: &mut PgConnection,
+    table: Table,
     account_ids: &[Uuid],
 ) -> Result<Vec<AccountSnapshot>> {
     let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE account_id = ANY($1)"
+        "SELECT {SNAPSHOT_COLUMNS} FROM {} WHERE account_id = ANY($1)",
+        table.name()
     )))
     .bind(account_ids)
     .fetch_all(conn)
@@ -90,7 +112,7 @@ pub async fn of_user(conn: &mut PgConnection, user_id: Uuid) -> Result<Vec<Accou
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
-/// Every snapshot, in account order.
+/// Every live snapshot, in account order.
 pub async fn all(conn: &mut PgConnection) -> Result<Vec<AccountSnapshot>> {
     let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots ORDER BY account_id"
@@ -100,15 +122,82 @@ pub async fn all(conn: &mut PgConnection) -> Result<Vec<AccountSnapshot>> {
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
+/// Every live snapshot (or only `account`'s), streamed in account order.
+pub fn stream_live(
+    conn: &mut PgConnection,
+    account: Option<Uuid>,
+) -> BoxStream<'_, Result<AccountSnapshot>> {
+    let sql = match account {
+        Some(_) => {
+            format!("SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE account_id = $1")
+        }
+        None => format!("SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots ORDER BY account_id"),
+    };
+    let mut query = sqlx::query_as::<_, SnapshotRow>(sqlx::AssertSqlSafe(sql));
+    if let Some(account) = account {
+        query = query.bind(account);
+    }
+    query
+        .fetch(conn)
+        .map(|row| row.map(Into::into).map_err(Into::into))
+        .boxed()
+}
+
+/// Removes every row of `table`.
+pub async fn clear(conn: &mut PgConnection, table: Table) -> Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", table.name())))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Removes one account's live snapshot.
+pub async fn delete(conn: &mut PgConnection, account_id: Uuid) -> Result<()> {
+    sqlx::query("DELETE FROM account_snapshots WHERE account_id = $1")
+        .bind(account_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Replaces every live snapshot with the rebuild's, inside the caller's transaction: readers see
+/// the old set until it commits, then the new one.
+pub async fn replace_live_with_rebuild(conn: &mut PgConnection) -> Result<u64> {
+    sqlx::query("DELETE FROM account_snapshots")
+        .execute(&mut *conn)
+        .await?;
+    let copied =
+        sqlx::query("INSERT INTO account_snapshots SELECT * FROM account_snapshots_rebuild")
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    sqlx::query("DELETE FROM account_snapshots_rebuild")
+        .execute(&mut *conn)
+        .await?;
+    Ok(copied)
+}
+
+/// Tries to become the one running rebuild; the lock lives as long as this session.
+pub async fn try_lock_rebuild(conn: &mut PgConnection) -> Result<bool> {
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(REBUILD_LOCK)
+        .fetch_one(conn)
+        .await?)
+}
+
 /// Inserts or replaces snapshots, all in one statement.
 #[tracing::instrument(skip_all, fields(snapshots = snapshots.len()))]
-pub async fn save(conn: &mut PgConnection, snapshots: &[AccountSnapshot]) -> Result<()> {
+pub async fn save(
+    conn: &mut PgConnection,
+    table: Table,
+    snapshots: &[AccountSnapshot],
+) -> Result<()> {
     if snapshots.is_empty() {
         return Ok(());
     }
     let rows: Vec<_> = snapshots.iter().map(AccountSnapshot::view).collect();
-    sqlx::query(
-        "INSERT INTO account_snapshots (account_id, user_id, status, connection_status, resource,
+    let sql = format!(
+        "INSERT INTO {} (account_id, user_id, status, connection_status, resource,
              resource_updated_at, version, last_position, last_event, first_seen_at, last_event_at, removed_at)
          SELECT account_id, user_id, status, connection_status, resource, resource_updated_at, version,
                 last_position, last_event, first_seen_at, last_event_at, removed_at
@@ -122,10 +211,12 @@ pub async fn save(conn: &mut PgConnection, snapshots: &[AccountSnapshot]) -> Res
              last_position = excluded.last_position, last_event = excluded.last_event,
              first_seen_at = excluded.first_seen_at, last_event_at = excluded.last_event_at,
              removed_at = excluded.removed_at",
-    )
-    .bind(Json(rows))
-    .execute(conn)
-    .await?;
+        table.name()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(Json(rows))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -187,6 +278,15 @@ pub async fn try_lock_leader(conn: &mut PgConnection) -> Result<bool> {
 pub async fn unlock_leader(conn: &mut PgConnection) -> Result<()> {
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(LEADER_LOCK)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Releases the rebuild lock held by this session.
+pub async fn unlock_rebuild(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(REBUILD_LOCK)
         .execute(conn)
         .await?;
     Ok(())

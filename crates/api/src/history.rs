@@ -1,0 +1,245 @@
+//! The audit routes: what Argyle told us, when, and what it changed.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use domain::AccountSnapshot;
+use futures_util::TryStreamExt;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use store::PgConnection;
+use store::log::{EventRecord, Until};
+use uuid::Uuid;
+
+use crate::{ApiState, Problem, parse_id};
+
+const DEFAULT_LIMIT: i64 = 100;
+const MAX_LIMIT: i64 = 1000;
+
+fn invalid_query(detail: impl Into<String>) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail)
+}
+
+/// Query-string parameters, parsed leniently (unknown ones are ignored) but checked strictly.
+pub(crate) struct Params(HashMap<String, String>);
+
+impl Params {
+    pub(crate) fn parse(query: Option<&str>) -> Result<Self, Problem> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+            .map_err(|_| invalid_query("the query string is malformed"))?;
+        let mut map = HashMap::new();
+        for (key, value) in pairs {
+            if map.insert(key.clone(), value).is_some() {
+                return Err(invalid_query(format!("{key} is given more than once")));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    fn integer(
+        &self,
+        name: &str,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Result<i64, Problem> {
+        let Some(raw) = self.0.get(name) else {
+            return Ok(default);
+        };
+        raw.parse::<i64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                invalid_query(format!(
+                    "{name} must be an integer from {} to {}",
+                    range.start(),
+                    range.end()
+                ))
+            })
+    }
+
+    /// `?as_of=<RFC 3339>` or `?at_position=<N>` (not both), if either is given.
+    pub(crate) fn until(&self) -> Result<Option<Until>, Problem> {
+        match (self.0.get("as_of"), self.0.contains_key("at_position")) {
+            (Some(_), true) => Err(invalid_query("give as_of or at_position, not both")),
+            (Some(raw), false) => DateTime::parse_from_rfc3339(raw)
+                .map(|t| Some(Until::ReceivedAt(t.with_timezone(&Utc))))
+                .map_err(|_| {
+                    invalid_query("as_of must be an RFC 3339 date-time, e.g. 2026-03-03T10:00:00Z")
+                }),
+            (None, true) => Ok(Some(Until::Position(self.integer(
+                "at_position",
+                0,
+                0..=i64::MAX,
+            )?))),
+            (None, false) => Ok(None),
+        }
+    }
+
+    fn page(&self) -> Result<(i64, i64), Problem> {
+        Ok((
+            self.integer("after", 0, 0..=i64::MAX)?,
+            self.integer("limit", DEFAULT_LIMIT, 1..=MAX_LIMIT)?,
+        ))
+    }
+}
+
+/// Replays one account's events up to `until` with [`domain::apply`], exactly as the projector
+/// folds them (an event the fold refuses leaves the snapshot as it was).
+pub(crate) async fn replay(
+    conn: &mut PgConnection,
+    account: Uuid,
+    until: Until,
+) -> Result<Option<AccountSnapshot>, store::Error> {
+    let mut events = store::log::account_history(conn, account, until);
+    let mut snapshot = None;
+    while let Some(stored) = events.try_next().await? {
+        snapshot = step(snapshot, &stored).0;
+    }
+    Ok(snapshot)
+}
+
+/// One fold step; also says whether the event was folded.
+fn step(
+    snapshot: Option<AccountSnapshot>,
+    stored: &store::log::StoredEvent,
+) -> (Option<AccountSnapshot>, bool) {
+    let Ok(logged) = stored.to_logged() else {
+        return (snapshot, false);
+    };
+    match domain::apply(snapshot.clone(), &logged) {
+        Ok(next) => (next, true),
+        Err(_) => (snapshot, false),
+    }
+}
+
+/// An event as the API shows it; `payload` is the body exactly as received.
+#[derive(Serialize)]
+struct EventView {
+    position: i64,
+    event: String,
+    account_id: Option<Uuid>,
+    user_id: Option<Uuid>,
+    received_at: DateTime<Utc>,
+    deliveries: i64,
+    payload: Box<RawValue>,
+}
+
+impl TryFrom<EventRecord> for EventView {
+    type Error = Problem;
+
+    fn try_from(record: EventRecord) -> Result<Self, Problem> {
+        // Ingest stored only bodies that parsed as JSON, so this holds unless the row was forged.
+        let payload = String::from_utf8(record.body)
+            .ok()
+            .and_then(|body| RawValue::from_string(body).ok())
+            .ok_or_else(|| {
+                tracing::error!(position = record.position, "stored body is not JSON");
+                Problem::internal()
+            })?;
+        Ok(Self {
+            position: record.position,
+            event: record.event,
+            account_id: record.account_id,
+            user_id: record.user_id,
+            received_at: record.received_at,
+            deliveries: record.deliveries,
+            payload,
+        })
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct EventPage {
+    events: Vec<EventView>,
+    next_after: Option<i64>,
+}
+
+async fn page(
+    state: &ApiState,
+    account: Option<Uuid>,
+    query: Option<&str>,
+) -> Result<Json<EventPage>, Problem> {
+    let (after, limit) = Params::parse(query)?.page()?;
+    let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
+    // One more than asked tells whether another page exists.
+    let mut records = store::log::page(&mut conn, account, after, limit + 1).await?;
+    let more = records.len() as i64 > limit;
+    records.truncate(limit as usize);
+    let next_after = if more {
+        records.last().map(|r| r.position)
+    } else {
+        None
+    };
+    let events = records
+        .into_iter()
+        .map(EventView::try_from)
+        .collect::<Result<_, _>>()?;
+    Ok(Json(EventPage { events, next_after }))
+}
+
+/// `GET /v1/accounts/{account_id}/events?after=&limit=`
+pub(crate) async fn account_events(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<EventPage>, Problem> {
+    let account = parse_id(&raw, "account_id")?;
+    page(&state, Some(account), query.as_deref()).await
+}
+
+/// `GET /v1/events?after=&limit=`
+pub(crate) async fn all_events(
+    State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<EventPage>, Problem> {
+    page(&state, None, query.as_deref()).await
+}
+
+#[derive(Serialize)]
+struct Change {
+    position: i64,
+    event: String,
+    received_at: DateTime<Utc>,
+    /// RFC 6902 operations turning the previous resource into this event's.
+    patch: json_patch::Patch,
+}
+
+#[derive(Serialize)]
+pub(crate) struct Changes {
+    changes: Vec<Change>,
+}
+
+/// `GET /v1/accounts/{account_id}/changes`: one entry per event that changed the resource.
+pub(crate) async fn account_changes(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Changes>, Problem> {
+    let account = parse_id(&raw, "account_id")?;
+    let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
+    let mut events = store::log::account_history(&mut conn, account, Until::End);
+    let mut snapshot: Option<AccountSnapshot> = None;
+    let mut changes = vec![];
+    while let Some(stored) = events.try_next().await? {
+        let before = snapshot
+            .as_ref()
+            .and_then(|s| s.resource.clone())
+            .unwrap_or_default();
+        let (next, folded) = step(snapshot, &stored);
+        snapshot = next;
+        let after = snapshot.as_ref().and_then(|s| s.resource.as_ref());
+        if let (true, Some(after)) = (folded, after)
+            && *after != before
+        {
+            changes.push(Change {
+                position: stored.position,
+                event: stored.event.clone(),
+                received_at: stored.received_at,
+                patch: json_patch::diff(&before, after),
+            });
+        }
+    }
+    Ok(Json(Changes { changes }))
+}

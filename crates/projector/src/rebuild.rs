@@ -1,0 +1,307 @@
+//! Rebuild and verify: the snapshots are a pure function of the log, and these prove it.
+//!
+//! Both stream the log ordered by account and position, folding one account at a time with
+//! [`domain::apply`] (through the same [`fold_stored`] the projector uses), so memory stays constant
+//! however long the log is.
+//!
+//! - [`rebuild_all`] folds everything up to the head into the shadow table `account_snapshots_rebuild`
+//!   without disturbing anyone, then, in one transaction holding the projector's checkpoint row lock
+//!   (which pauses the live projector between two of its batches), catches the shadow up to the live
+//!   checkpoint and copies it over the live table. Readers see the old snapshots until that commit and
+//!   the new ones after; the live projector then resumes from the checkpoint the rebuild left.
+//!   Ingest is never blocked.
+//! - [`rebuild_account`] does the same for one account, directly in the live table.
+//! - [`verify`] writes nothing: inside one consistent snapshot of the database (shared by two sessions
+//!   through `pg_export_snapshot`), it merges the fresh fold with the live snapshots, both in account
+//!   order, and reports every account whose snapshot differs, is missing, or should not exist.
+
+use futures_util::TryStreamExt;
+use sqlx::Connection;
+use store::PgPool;
+use store::log::StoredEvent;
+use store::snapshots::{CHECKPOINT, Table};
+use uuid::Uuid;
+
+use crate::{fold_into, fold_stored};
+use domain::AccountSnapshot;
+
+/// Receives progress of a long rebuild or verify.
+pub trait Progress {
+    /// The work is about to start; `total` events will be folded.
+    fn start(&self, total: u64);
+    /// `events` more events were folded.
+    fn advance(&self, events: u64);
+    /// The work is done.
+    fn finish(&self);
+}
+
+/// Progress that goes nowhere.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn start(&self, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
+/// Why a rebuild did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("another rebuild is running")]
+    Busy,
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+impl From<sqlx::Error> for RebuildError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Store(error.into())
+    }
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// `accounts.*` events folded from the log.
+    pub events: u64,
+    /// Snapshots now in the live table (for one account: 1, or 0 if it has no events).
+    pub accounts: u64,
+    /// The projector checkpoint after the swap.
+    pub checkpoint: i64,
+}
+
+/// One account whose live snapshot is not what the log says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub account_id: Uuid,
+    /// The differing fields, or `missing` (the log has the account, the table does not) or
+    /// `unexpected` (the table has a snapshot the log does not explain).
+    pub fields: Vec<&'static str>,
+}
+
+/// Folds a stream of events ordered by account, handing out each account's snapshot when done.
+#[derive(Default)]
+struct AccountFolder {
+    current: Option<(Uuid, Option<AccountSnapshot>)>,
+}
+
+impl AccountFolder {
+    /// Folds `stored`; returns the previous account's snapshot when `stored` starts a new account.
+    fn push(&mut self, stored: &StoredEvent) -> Option<AccountSnapshot> {
+        let account = stored.account_id?;
+        let mut finished = None;
+        let state = match self.current.take() {
+            Some((id, state)) if id == account => state,
+            Some((_, state)) => {
+                finished = state;
+                None
+            }
+            None => None,
+        };
+        let next = match fold_stored(state.clone(), stored) {
+            Ok(next) => next,
+            Err(()) => state,
+        };
+        self.current = Some((account, next));
+        finished
+    }
+
+    fn finish(self) -> Option<AccountSnapshot> {
+        self.current.and_then(|(_, state)| state)
+    }
+}
+
+const WRITE_BATCH: usize = 1000;
+
+/// Refolds every snapshot from position 0 and swaps the result in; see the module docs.
+#[tracing::instrument(skip_all)]
+pub async fn rebuild_all(
+    pool: &PgPool,
+    progress: &dyn Progress,
+) -> Result<RebuildReport, RebuildError> {
+    // Held for the whole rebuild: a second rebuild would share the shadow table.
+    let mut guard = pool.acquire().await.map_err(store::Error::from)?.detach();
+    if !store::snapshots::try_lock_rebuild(&mut guard).await? {
+        return Err(RebuildError::Busy);
+    }
+    let mut writer = pool.acquire().await?;
+    store::snapshots::clear(&mut writer, Table::Rebuild).await?;
+
+    let mut reader = pool.acquire().await?;
+    let mut read = store::begin_consistent_read(&mut reader).await?;
+    let head = store::log::head(&mut read).await?;
+    let total = store::log::count_account_events(&mut read, head, None).await?;
+    progress.start(total as u64);
+    let mut events = 0u64;
+    {
+        let mut stream = store::log::account_events_by_account(&mut read, head, None);
+        let mut folder = AccountFolder::default();
+        let mut buffer = Vec::with_capacity(WRITE_BATCH);
+        while let Some(stored) = stream.try_next().await? {
+            if let Some(done) = folder.push(&stored) {
+                buffer.push(done);
+                if buffer.len() >= WRITE_BATCH {
+                    store::snapshots::save(&mut writer, Table::Rebuild, &buffer).await?;
+                    buffer.clear();
+                }
+            }
+            events += 1;
+            if events % 256 == 0 {
+                progress.advance(256);
+            }
+        }
+        progress.advance(events % 256);
+        buffer.extend(folder.finish());
+        store::snapshots::save(&mut writer, Table::Rebuild, &buffer).await?;
+    }
+    read.commit().await?;
+    progress.finish();
+
+    // The swap: holding the checkpoint row pauses the live projector between batches.
+    let mut swap = writer.begin().await?;
+    let checkpoint = store::snapshots::lock_checkpoint(&mut swap, CHECKPOINT).await?;
+    let mut folded_to = head;
+    while folded_to < checkpoint {
+        // Positions are dense, so this reads exactly the events up to the live checkpoint.
+        let limit = (checkpoint - folded_to).min(WRITE_BATCH as i64);
+        let batch = store::log::read_after(&mut swap, folded_to, limit).await?;
+        let Some(last) = batch.last().map(|e| e.position) else {
+            break;
+        };
+        fold_into(&mut swap, Table::Rebuild, &batch).await?;
+        folded_to = last;
+    }
+    let accounts = store::snapshots::replace_live_with_rebuild(&mut swap).await?;
+    let new_checkpoint = checkpoint.max(head);
+    if new_checkpoint != checkpoint {
+        store::snapshots::advance_checkpoint(&mut swap, CHECKPOINT, checkpoint, new_checkpoint)
+            .await?;
+    }
+    swap.commit().await?;
+    let _ = store::snapshots::unlock_rebuild(&mut guard).await;
+    tracing::info!(
+        events,
+        accounts,
+        checkpoint = new_checkpoint,
+        "rebuild swapped in"
+    );
+    Ok(RebuildReport {
+        events,
+        accounts,
+        checkpoint: new_checkpoint,
+    })
+}
+
+/// Refolds one account's snapshot from its events up to the live checkpoint, in the live table.
+#[tracing::instrument(skip(pool))]
+pub async fn rebuild_account(pool: &PgPool, account: Uuid) -> Result<RebuildReport, RebuildError> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    let checkpoint = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
+    let mut events = 0u64;
+    let snapshot = {
+        let mut stream = store::log::account_events_by_account(&mut tx, checkpoint, Some(account));
+        let mut folder = AccountFolder::default();
+        while let Some(stored) = stream.try_next().await? {
+            folder.push(&stored);
+            events += 1;
+        }
+        folder.finish()
+    };
+    let accounts = match snapshot {
+        Some(snapshot) => {
+            store::snapshots::save(&mut tx, Table::Live, &[snapshot]).await?;
+            1
+        }
+        None => {
+            store::snapshots::delete(&mut tx, account).await?;
+            0
+        }
+    };
+    tx.commit().await?;
+    Ok(RebuildReport {
+        events,
+        accounts,
+        checkpoint,
+    })
+}
+
+/// Compares the live snapshots (all, or one account's) with a fresh fold of the log up to the live
+/// checkpoint, in one consistent snapshot of the database. Writes nothing.
+#[tracing::instrument(skip(pool, progress))]
+pub async fn verify(
+    pool: &PgPool,
+    account: Option<Uuid>,
+    progress: &dyn Progress,
+) -> Result<Vec<Difference>, RebuildError> {
+    let mut events_conn = pool.acquire().await?;
+    let mut snapshots_conn = pool.acquire().await?;
+    let mut events_tx = store::begin_consistent_read(&mut events_conn).await?;
+    let snapshot_id = store::export_snapshot(&mut events_tx).await?;
+    let mut snapshots_tx = store::begin_shared_read(&mut snapshots_conn, &snapshot_id).await?;
+    let checkpoint = store::snapshots::checkpoint(&mut events_tx, CHECKPOINT).await?;
+    let total = store::log::count_account_events(&mut events_tx, checkpoint, account).await?;
+    progress.start(total as u64);
+
+    let mut differences = vec![];
+    {
+        let mut folded = store::log::account_events_by_account(&mut events_tx, checkpoint, account);
+        let mut live = store::snapshots::stream_live(&mut snapshots_tx, account);
+        let mut next_live = live.try_next().await?;
+        let mut folder = AccountFolder::default();
+        let mut pending: Vec<AccountSnapshot> = vec![];
+        let mut events = 0u64;
+        loop {
+            let stored = folded.try_next().await?;
+            let done = match &stored {
+                Some(stored) => {
+                    events += 1;
+                    if events % 256 == 0 {
+                        progress.advance(256);
+                    }
+                    folder.push(stored)
+                }
+                None => std::mem::take(&mut folder).finish(),
+            };
+            pending.extend(done);
+            for expected in pending.drain(..) {
+                while let Some(extra) = next_live.take_if(|l| l.account_id < expected.account_id) {
+                    differences.push(Difference {
+                        account_id: extra.account_id,
+                        fields: vec!["unexpected"],
+                    });
+                    next_live = live.try_next().await?;
+                }
+                match next_live.take_if(|l| l.account_id == expected.account_id) {
+                    Some(actual) => {
+                        let fields = expected.differing_fields(&actual);
+                        if !fields.is_empty() {
+                            differences.push(Difference {
+                                account_id: expected.account_id,
+                                fields,
+                            });
+                        }
+                        next_live = live.try_next().await?;
+                    }
+                    None => differences.push(Difference {
+                        account_id: expected.account_id,
+                        fields: vec!["missing"],
+                    }),
+                }
+            }
+            if stored.is_none() {
+                break;
+            }
+        }
+        while let Some(extra) = next_live {
+            differences.push(Difference {
+                account_id: extra.account_id,
+                fields: vec!["unexpected"],
+            });
+            next_live = live.try_next().await?;
+        }
+        progress.advance(events % 256);
+    }
+    progress.finish();
+    Ok(differences)
+}
