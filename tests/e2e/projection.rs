@@ -231,7 +231,7 @@ async fn a_burst_of_a_thousand_refinements_writes_the_snapshot_once() {
     assert_eq!(writes, 1, "one row write for the whole burst");
     let snapshot = stored_snapshots(&pool).await.remove(&account).unwrap();
     assert_eq!(snapshot.version, 1000);
-    assert_eq!(snapshot.resource.unwrap()["step"], 999);
+    assert_eq!(snapshot.resource.unwrap().value()["step"], 999);
     assert_eq!(
         projector::run_batch(&mut conn, 1000).await.unwrap().events,
         0,

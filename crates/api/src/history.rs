@@ -223,21 +223,19 @@ pub(crate) async fn account_changes(
     let mut snapshot: Option<AccountSnapshot> = None;
     let mut changes = vec![];
     while let Some(stored) = events.try_next().await? {
-        let before = snapshot
-            .as_ref()
-            .and_then(|s| s.resource.clone())
-            .unwrap_or_default();
+        let before = snapshot.as_ref().and_then(|s| s.resource.clone());
         let (next, folded) = step(snapshot, &stored);
         snapshot = next;
         let after = snapshot.as_ref().and_then(|s| s.resource.as_ref());
         if let (true, Some(after)) = (folded, after)
-            && *after != before
+            && before.as_ref() != Some(after)
         {
+            let before = before.map(|r| r.value()).unwrap_or_default();
             changes.push(Change {
                 position: stored.position,
                 event: stored.event.clone(),
                 received_at: stored.received_at,
-                patch: json_patch::diff(&before, after),
+                patch: json_patch::diff(&before, &after.value()),
             });
         }
     }

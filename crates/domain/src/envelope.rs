@@ -1,7 +1,15 @@
 //! Argyle's webhook envelope: `{"event": .., "name": .., "data": {"account", "user", "resource"?, ..}}`.
+//!
+//! Parsing checks the whole body is JSON but builds no tree: it probes for the few fields the
+//! service needs and keeps the resource as raw JSON ([`Resource`]). Unknown fields are not lost: the
+//! log keeps the body byte for byte.
 
-use serde_json::Value;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 use uuid::Uuid;
+
+use crate::resource::Resource;
 
 /// Why a webhook body was not accepted as an event. Each maps to one problem code at the HTTP edge.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,8 +61,7 @@ impl EventKind {
     }
 }
 
-/// One webhook body, parsed. The whole document is kept in [`Envelope::payload`], unknown fields
-/// included, so nothing Argyle sent is lost.
+/// What the service needs from one webhook body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
     /// The `event` name as sent.
@@ -63,52 +70,178 @@ pub struct Envelope {
     pub account: Option<Uuid>,
     /// `data.user`: required for `accounts.*`, kept when it is a UUID on other events.
     pub user: Option<Uuid>,
-    /// The whole parsed document.
-    pub payload: Value,
+    /// `data.resource` as sent, when present and not `null`.
+    pub resource: Option<Resource>,
+}
+
+#[derive(Deserialize)]
+struct TopProbe<'a> {
+    #[serde(borrow)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<DataField<'a>>,
+}
+
+/// `data` as probed in the same pass as the envelope: the fields we need when it is an object,
+/// nothing otherwise (only `accounts.*` events require it to be an object).
+enum DataField<'a> {
+    Object(DataProbe<'a>),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for DataField<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(DataVisitor)
+    }
+}
+
+struct DataVisitor;
+
+impl<'de> serde::de::Visitor<'de> for DataVisitor {
+    type Value = DataField<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut probe = DataProbe::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let slot = match key.as_ref() {
+                "account" => &mut probe.account,
+                "user" => &mut probe.user,
+                "resource" => &mut probe.resource,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            if slot.replace(map.next_value::<&'de RawValue>()?).is_some() {
+                return Err(serde::de::Error::custom("repeated key in data"));
+            }
+        }
+        Ok(DataField::Object(probe))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(DataField::Other)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(DataField::Other)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(DataField::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(DataField::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(DataField::Other)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(DataField::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(DataField::Other)
+    }
+}
+
+#[derive(Default)]
+struct DataProbe<'a> {
+    account: Option<&'a RawValue>,
+    user: Option<&'a RawValue>,
+    resource: Option<&'a RawValue>,
 }
 
 impl Envelope {
-    /// Parses a raw webhook body.
+    /// Parses and validates an untrusted webhook body: UTF-8, JSON, nesting at most [`MAX_DEPTH`],
+    /// no U+0000, and the envelope fields. This is the check ingest applies before appending.
     pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
-        let payload: Value =
-            serde_json::from_slice(body).map_err(|e| EnvelopeError::InvalidJson(e.to_string()))?;
-        Self::from_value(payload)
+        let text =
+            std::str::from_utf8(body).map_err(|e| EnvelopeError::InvalidJson(e.to_string()))?;
+        if nesting_depth(text) > MAX_DEPTH {
+            return Err(EnvelopeError::InvalidJson(format!(
+                "nesting deeper than {MAX_DEPTH} levels"
+            )));
+        }
+        let envelope = Self::probe(text)?;
+        if contains_escaped_nul(text) {
+            // Postgres text and jsonb cannot hold U+0000; refuse it here rather than fail later.
+            return Err(EnvelopeError::InvalidPayload {
+                field: "body",
+                reason: "contains the character U+0000, which cannot be stored",
+            });
+        }
+        Ok(envelope)
     }
 
-    /// Validates an already parsed document.
-    pub fn from_value(payload: Value) -> Result<Self, EnvelopeError> {
-        let Some(object) = payload.as_object() else {
+    /// Parses a body read back from the event log. The log holds only bodies that passed
+    /// [`Envelope::parse`], so the checks that only guard the log's door are skipped.
+    pub fn parse_logged(body: &[u8]) -> Result<Self, EnvelopeError> {
+        let text =
+            std::str::from_utf8(body).map_err(|e| EnvelopeError::InvalidJson(e.to_string()))?;
+        Self::probe(text)
+    }
+
+    /// Checks the JSON and extracts the envelope fields in one pass over the body (and one more over
+    /// the resource). No tree is built.
+    fn probe(text: &str) -> Result<Self, EnvelopeError> {
+        if !text.trim_start().starts_with('{') {
+            serde_json::from_str::<IgnoredAny>(text)
+                .map_err(|e| EnvelopeError::InvalidJson(e.to_string()))?;
             return Err(EnvelopeError::InvalidPayload {
                 field: "event",
                 reason: "is missing: the body is not a JSON object",
             });
-        };
-        let event = match object.get("event") {
-            Some(Value::String(name)) if !name.is_empty() => name.clone(),
-            Some(Value::String(_)) => {
-                return Err(EnvelopeError::InvalidPayload {
-                    field: "event",
-                    reason: "is empty",
-                });
-            }
-            Some(_) => {
-                return Err(EnvelopeError::InvalidPayload {
-                    field: "event",
-                    reason: "is not a string",
-                });
-            }
+        }
+        let top: TopProbe = serde_json::from_str(text).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => EnvelopeError::InvalidPayload {
+                field: "body",
+                reason: "repeats a key the envelope needs (event, data, account, user or resource)",
+            },
+            _ => EnvelopeError::InvalidJson(e.to_string()),
+        })?;
+        let event = match top.event {
             None => {
                 return Err(EnvelopeError::InvalidPayload {
                     field: "event",
                     reason: "is missing",
                 });
             }
+            Some(raw) => match serde_json::from_str::<String>(raw.get()) {
+                Ok(name) if name.is_empty() => {
+                    return Err(EnvelopeError::InvalidPayload {
+                        field: "event",
+                        reason: "is empty",
+                    });
+                }
+                Ok(name) => name,
+                Err(_) => {
+                    return Err(EnvelopeError::InvalidPayload {
+                        field: "event",
+                        reason: "is not a string",
+                    });
+                }
+            },
         };
-        let data = object.get("data");
-        let account = data.and_then(|d| d.get("account"));
-        let user = data.and_then(|d| d.get("user"));
+        let data = match top.data {
+            Some(DataField::Object(data)) => Some(data),
+            Some(DataField::Other) | None => None,
+        };
+        let (account, user, resource) = match &data {
+            Some(d) => (
+                d.account,
+                d.user,
+                d.resource
+                    .filter(|r| r.get() != "null")
+                    .map(Resource::from_raw),
+            ),
+            None => (None, None, None),
+        };
         let (account, user) = if EventKind::of(&event).is_account_event() {
-            if !data.is_some_and(Value::is_object) {
+            if data.is_none() {
                 return Err(EnvelopeError::InvalidPayload {
                     field: "data",
                     reason: "is missing or not an object",
@@ -121,18 +254,11 @@ impl Envelope {
         } else {
             (optional_uuid(account), optional_uuid(user))
         };
-        if contains_nul(&payload) {
-            // Postgres text and jsonb cannot hold U+0000; refuse it here rather than fail later.
-            return Err(EnvelopeError::InvalidPayload {
-                field: "body",
-                reason: "contains the character U+0000, which cannot be stored",
-            });
-        }
         Ok(Self {
             event,
             account,
             user,
-            payload,
+            resource,
         })
     }
 
@@ -140,46 +266,81 @@ impl Envelope {
     pub fn kind(&self) -> EventKind {
         EventKind::of(&self.event)
     }
-
-    /// `data.resource`, when present and not `null`.
-    pub fn resource(&self) -> Option<&Value> {
-        self.payload
-            .get("data")?
-            .get("resource")
-            .filter(|r| !r.is_null())
-    }
 }
 
-fn required_uuid(value: Option<&Value>, field: &'static str) -> Result<Uuid, EnvelopeError> {
-    match value {
-        None | Some(Value::Null) => Err(EnvelopeError::InvalidPayload {
+fn required_uuid(value: Option<&RawValue>, field: &'static str) -> Result<Uuid, EnvelopeError> {
+    match value.map(RawValue::get) {
+        None | Some("null") => Err(EnvelopeError::InvalidPayload {
             field,
             reason: "is missing",
         }),
-        Some(Value::String(s)) => Uuid::try_parse(s).map_err(|_| EnvelopeError::InvalidPayload {
-            field,
-            reason: "is not a UUID",
-        }),
-        Some(_) => Err(EnvelopeError::InvalidPayload {
-            field,
-            reason: "is not a string",
-        }),
+        Some(raw) => match serde_json::from_str::<String>(raw) {
+            Ok(s) => Uuid::try_parse(&s).map_err(|_| EnvelopeError::InvalidPayload {
+                field,
+                reason: "is not a UUID",
+            }),
+            Err(_) => Err(EnvelopeError::InvalidPayload {
+                field,
+                reason: "is not a string",
+            }),
+        },
     }
 }
 
-fn optional_uuid(value: Option<&Value>) -> Option<Uuid> {
+fn optional_uuid(value: Option<&RawValue>) -> Option<Uuid> {
     value
-        .and_then(Value::as_str)
-        .and_then(|s| Uuid::try_parse(s).ok())
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .and_then(|s| Uuid::try_parse(&s).ok())
 }
 
-fn contains_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
-        _ => false,
+/// Deepest nesting of arrays and objects accepted, as serde_json's own limit: anything deeper is
+/// refused before any recursive parser (ours or Postgres's) sees it.
+pub const MAX_DEPTH: usize = 128;
+
+/// How deeply `text` nests arrays and objects (brackets inside strings do not count).
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
+    deepest
+}
+
+/// True when valid JSON `text` holds the escape `\u0000` (a raw NUL byte is not valid JSON).
+fn contains_escaped_nul(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(found) = text[from..].find("u0000") {
+        let at = from + found;
+        // It is an escape when preceded by an odd number of backslashes.
+        let backslashes = bytes[..at]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes % 2 == 1 {
+            return true;
+        }
+        from = at + 5;
+    }
+    false
 }
 
 #[cfg(test)]
@@ -200,34 +361,41 @@ mod tests {
             envelope.user.unwrap().to_string(),
             "018051aa-f7a9-a0db-2f38-6cfa325e9d69"
         );
-        assert_eq!(envelope.resource().unwrap()["item"], "item_000012345");
-        assert_eq!(envelope.payload["name"], "accounts-projector");
+        let resource = envelope.resource.unwrap();
+        assert_eq!(resource.value()["item"], "item_000012345");
+        assert_eq!(resource.connection_status(), Some("connecting"));
     }
 
     #[test]
-    fn unknown_fields_and_families_are_kept() {
+    fn other_families_parse_with_optional_ids() {
         let body = br#"{"event":"paystubs.added","data":{"user":"018051aa-f7a9-a0db-2f38-6cfa325e9d69","paystub":"x"},"new":1}"#;
         let envelope = Envelope::parse(body).unwrap();
         assert_eq!(envelope.kind(), EventKind::NotAccountEvent);
         assert_eq!(envelope.account, None);
         assert!(envelope.user.is_some());
-        assert_eq!(envelope.payload["new"], 1);
         assert_eq!(
             EventKind::of("accounts.refreshed"),
             EventKind::OtherAccountEvent
         );
+        let no_data = Envelope::parse(br#"{"event":"users.fully_synced"}"#).unwrap();
+        assert_eq!((no_data.account, no_data.user), (None, None));
     }
 
     #[test]
     fn malformed_bodies_name_the_field() {
         let cases: &[(&[u8], Option<&str>)] = &[
             (b"{", None),
+            (b"", None),
             (b"\xff\xfe", None),
+            (b"{\"event\":\"a\"} trailing", None),
             (b"null", Some("event")),
             (b"[]", Some("event")),
             (br#"{"event":1}"#, Some("event")),
             (br#"{"event":""}"#, Some("event")),
+            (br#"{"event":"a","event":"b"}"#, Some("body")),
+            (br#"{"event":"a","data":{"user":"x","user":"y"}}"#, Some("body")),
             (br#"{"event":"accounts.added"}"#, Some("data")),
+            (br#"{"event":"accounts.added","data":[]}"#, Some("data")),
             (br#"{"event":"accounts.added","data":{"user":"018051aa-f7a9-a0db-2f38-6cfa325e9d69"}}"#, Some("data.account")),
             (br#"{"event":"accounts.added","data":{"account":"nope","user":"018051aa-f7a9-a0db-2f38-6cfa325e9d69"}}"#, Some("data.account")),
             (br#"{"event":"accounts.added","data":{"account":"018051aa-f7a9-a0db-2f38-6cfa325e9d69","user":7}}"#, Some("data.user")),
@@ -245,11 +413,35 @@ mod tests {
     }
 
     #[test]
+    fn an_escaped_backslash_before_u0000_is_not_a_nul() {
+        assert!(Envelope::parse(br#"{"event":"x.y","data":{"a":"\\u0000"}}"#).is_ok());
+        assert!(Envelope::parse(br#"{"event":"x.y","data":{"a":"\\\u0000"}}"#).is_err());
+        assert!(Envelope::parse(br#"{"event":"x.y","data":{"u0000":1}}"#).is_ok());
+    }
+
+    #[test]
     fn deep_nesting_is_an_error_not_a_stack_overflow() {
         let body = "[".repeat(100_000);
         assert!(matches!(
             Envelope::parse(body.as_bytes()),
             Err(EnvelopeError::InvalidJson(_))
         ));
+        let nested = |depth| {
+            format!(
+                "{{\"event\":\"x\",\"data\":{}{}}}",
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        assert!(matches!(
+            Envelope::parse(nested(100_000).as_bytes()),
+            Err(EnvelopeError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(nested(MAX_DEPTH).as_bytes()),
+            Err(EnvelopeError::InvalidJson(_))
+        ));
+        assert!(Envelope::parse(nested(MAX_DEPTH - 1).as_bytes()).is_ok());
+        assert!(Envelope::parse(br#"{"event":"x","data":{"s":"[[[[{{{{\"]]"}}"#).is_ok());
     }
 }

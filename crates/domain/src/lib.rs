@@ -1,8 +1,8 @@
 //! The pure core of account-projector: what an Argyle webhook says and what it does to an account.
 //!
 //! # Layout
-//! - [`envelope`]: parsing a webhook body into an [`Envelope`] (unknown fields are kept in its payload)
-//!   and classifying its [`EventKind`].
+//! - [`envelope`]: parsing a webhook body into an [`Envelope`] and classifying its [`EventKind`].
+//! - [`resource`]: the account object, kept as raw JSON plus the two facts the fold compares.
 //! - [`snapshot`]: the [`AccountSnapshot`] that the projector keeps per account, the [`apply`] fold
 //!   that turns one logged event into the next snapshot, and the [`AccountView`] the API serves.
 //!
@@ -12,9 +12,11 @@
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+pub mod resource;
 pub mod snapshot;
 
 pub use envelope::{Envelope, EnvelopeError, EventKind};
+pub use resource::Resource;
 pub use snapshot::{
     AccountSnapshot, AccountStatus, AccountView, FoldError, LoggedEvent, apply, fold,
 };

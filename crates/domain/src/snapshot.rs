@@ -14,10 +14,10 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::envelope::{Envelope, EventKind};
+use crate::resource::Resource;
 
 /// One event as the log holds it: its position, when it was received, and what it said.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +66,7 @@ pub struct AccountSnapshot {
     /// Last known `connection.status`; Argyle may add values, so it is kept as sent.
     pub connection_status: Option<String>,
     /// The newest account object seen, exactly as Argyle sent it.
-    pub resource: Option<Value>,
+    pub resource: Option<Resource>,
     /// Number of distinct events folded.
     pub version: i64,
     pub last_position: i64,
@@ -90,7 +90,7 @@ pub enum FoldError {
 impl AccountSnapshot {
     /// The instant of `resource.updated_at`, if the resource has a parseable one.
     pub fn resource_updated_at(&self) -> Option<DateTime<Utc>> {
-        self.resource.as_ref().and_then(updated_at)
+        self.resource.as_ref().and_then(Resource::updated_at)
     }
 
     /// Names of the fields in which `other` differs from `self` (empty when equal).
@@ -144,7 +144,7 @@ pub struct AccountView {
     pub user_id: Uuid,
     pub status: AccountStatus,
     pub connection_status: Option<String>,
-    pub resource: Option<Value>,
+    pub resource: Option<Resource>,
     pub resource_updated_at: Option<DateTime<Utc>>,
     pub version: i64,
     pub last_position: i64,
@@ -152,13 +152,6 @@ pub struct AccountView {
     pub first_seen_at: DateTime<Utc>,
     pub last_event_at: DateTime<Utc>,
     pub removed_at: Option<DateTime<Utc>>,
-}
-
-fn updated_at(resource: &Value) -> Option<DateTime<Utc>> {
-    let text = resource.get("updated_at")?.as_str()?;
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
 }
 
 /// Folds one event into an account's snapshot (`None` before the account's first event).
@@ -177,7 +170,7 @@ pub fn apply(
     let (Some(account_id), Some(user_id)) = (envelope.account, envelope.user) else {
         return Err(FoldError::MissingIds(envelope.event.clone()));
     };
-    let resource = envelope.resource();
+    let resource = envelope.resource.as_ref();
     if resource.is_some_and(|r| !r.is_object()) {
         return Err(FoldError::ResourceNotObject);
     }
@@ -219,11 +212,7 @@ pub fn apply(
     match resource {
         Some(resource) => {
             if is_newer(resource, next.resource.as_ref()) {
-                let status = resource
-                    .get("connection")
-                    .and_then(|c| c.get("status"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
+                let status = resource.connection_status().map(str::to_owned);
                 next.connection_status = status
                     .or_else(|| implied_status(kind))
                     .or(next.connection_status);
@@ -249,8 +238,11 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a LoggedEvent>) -> Option<Acc
     })
 }
 
-fn is_newer(candidate: &Value, current: Option<&Value>) -> bool {
-    match (current.and_then(updated_at), updated_at(candidate)) {
+fn is_newer(candidate: &Resource, current: Option<&Resource>) -> bool {
+    match (
+        current.and_then(Resource::updated_at),
+        candidate.updated_at(),
+    ) {
         (Some(current), Some(candidate)) => candidate > current,
         _ => true,
     }
@@ -270,6 +262,7 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
     use proptest::prelude::*;
+    use serde_json::Value;
 
     const FIXTURES: [&[u8]; 8] = [
         include_bytes!("../../../tests/fixtures/argyle/01_accounts.added.json"),
@@ -290,8 +283,15 @@ mod tests {
         }
     }
 
-    fn resource_of(body: &[u8]) -> Value {
-        Envelope::parse(body).unwrap().resource().unwrap().clone()
+    /// An event from a fixture edited as a JSON tree first.
+    fn edited(position: i64, body: &[u8], edit: impl FnOnce(&mut Value)) -> LoggedEvent {
+        let mut value: Value = serde_json::from_slice(body).unwrap();
+        edit(&mut value);
+        logged(position, &serde_json::to_vec_pretty(&value).unwrap())
+    }
+
+    fn resource_of(body: &[u8]) -> Resource {
+        Envelope::parse(body).unwrap().resource.unwrap()
     }
 
     #[test]
@@ -351,18 +351,47 @@ mod tests {
     #[test]
     fn a_tie_keeps_the_snapshot() {
         // 02 and 03 share updated_at; the first one received stays.
-        let mut late = logged(2, FIXTURES[2]);
-        late.envelope.payload["data"]["resource"]["marker"] = "late".into();
+        let late = edited(2, FIXTURES[2], |v| {
+            v["data"]["resource"]["marker"] = "late".into()
+        });
         let s = fold(&[logged(1, FIXTURES[1]), late]).unwrap();
         assert_eq!(s.resource, Some(resource_of(FIXTURES[1])));
     }
 
     #[test]
+    fn instants_compare_across_offsets_and_precision() {
+        let at = |stamp: &'static str| {
+            move |v: &mut Value| v["data"]["resource"]["updated_at"] = stamp.into()
+        };
+        // 10:00:00.0000001+02:00 is later than 08:00:00Z by 100 ns.
+        let s = fold(&[
+            edited(1, FIXTURES[3], at("2026-03-02T08:00:00Z")),
+            edited(2, FIXTURES[4], at("2026-03-02T10:00:00.0000001+02:00")),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.resource.unwrap().value()["updated_at"],
+            "2026-03-02T10:00:00.0000001+02:00"
+        );
+        let s = fold(&[
+            edited(1, FIXTURES[3], at("2026-03-02T08:00:00Z")),
+            edited(2, FIXTURES[4], at("2026-03-02T10:00:00+02:00")),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.resource.unwrap().value()["updated_at"],
+            "2026-03-02T08:00:00Z",
+            "the same instant is a tie"
+        );
+    }
+
+    #[test]
     fn unparseable_updated_at_applies_in_log_order() {
-        let mut odd = logged(2, FIXTURES[3]);
-        odd.envelope.payload["data"]["resource"]["updated_at"] = 12.into();
+        let odd = edited(2, FIXTURES[3], |v| {
+            v["data"]["resource"]["updated_at"] = 12.into()
+        });
         let s = fold(&[logged(1, FIXTURES[5]), odd.clone()]).unwrap();
-        assert_eq!(s.resource.as_ref().unwrap()["updated_at"], 12);
+        assert_eq!(s.resource.as_ref().unwrap().value()["updated_at"], 12);
         let s = fold(&[odd, logged(3, FIXTURES[0])]).unwrap();
         assert_eq!(s.resource, Some(resource_of(FIXTURES[0])));
     }
@@ -370,18 +399,17 @@ mod tests {
     #[test]
     fn events_without_resource_imply_a_connection_status() {
         let strip = |body: &[u8], position| {
-            let mut e = logged(position, body);
-            e.envelope.payload["data"]
-                .as_object_mut()
-                .unwrap()
-                .remove("resource");
-            e
+            edited(position, body, |v| {
+                v["data"].as_object_mut().unwrap().remove("resource");
+            })
         };
         let s = fold(&[strip(FIXTURES[0], 1), strip(FIXTURES[1], 2)]).unwrap();
         assert_eq!(s.connection_status.as_deref(), Some("connected"));
         assert_eq!(s.resource, None);
-        let mut failed = strip(FIXTURES[1], 3);
-        failed.envelope.event = "accounts.failed".into();
+        let failed = edited(3, FIXTURES[1], |v| {
+            v["data"].as_object_mut().unwrap().remove("resource");
+            v["event"] = "accounts.failed".into();
+        });
         let s = fold(&[strip(FIXTURES[0], 1), strip(FIXTURES[1], 2), failed]).unwrap();
         assert_eq!(s.connection_status.as_deref(), Some("error"));
     }
@@ -406,11 +434,20 @@ mod tests {
     fn other_families_are_not_folded_and_poison_is_refused() {
         let other = logged(1, br#"{"event":"paystubs.added","data":{"account":"0187c66e-e7e5-811c-b006-2232f00f426a","user":"018051aa-f7a9-a0db-2f38-6cfa325e9d69"}}"#);
         assert_eq!(apply(None, &other).unwrap(), None);
-        let mut poison = logged(2, FIXTURES[3]);
-        poison.envelope.payload["data"]["resource"] = "nope".into();
+        let poison = edited(2, FIXTURES[3], |v| v["data"]["resource"] = "nope".into());
         assert_eq!(apply(None, &poison), Err(FoldError::ResourceNotObject));
         let before = fold(&[logged(1, FIXTURES[0])]);
         assert_eq!(fold(&[logged(1, FIXTURES[0]), poison]), before);
+    }
+
+    #[test]
+    fn differing_fields_are_named() {
+        let a = fold(&[logged(1, FIXTURES[0])]).unwrap();
+        let mut b = a.clone();
+        assert!(a.differing_fields(&b).is_empty());
+        b.version = 9;
+        b.resource = Some(resource_of(FIXTURES[5]));
+        assert_eq!(a.differing_fields(&b), ["resource", "version"]);
     }
 
     fn same_state(a: &AccountSnapshot, b: &AccountSnapshot) -> bool {

@@ -6,7 +6,6 @@ use chrono::{DateTime, Utc};
 use domain::{Envelope, EnvelopeError, LoggedEvent};
 use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
-use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -88,7 +87,7 @@ pub async fn append_in(
          INSERT INTO events (position, received_at, event, account_id, user_id, body, body_sha256, payload, signature)
          SELECT coalesce((SELECT position FROM head), 0) + 1,
                 greatest(clock_timestamp(), (SELECT received_at FROM head)),
-                $1, $2, $3, $4, $5, $6, $7
+                $1, $2, $3, $4, $5, convert_from($4, 'UTF8')::jsonb, $6
          RETURNING position",
     )
     .bind(&delivery.envelope.event)
@@ -96,7 +95,6 @@ pub async fn append_in(
     .bind(delivery.envelope.user)
     .bind(delivery.body)
     .bind(&sha256)
-    .bind(Json(&delivery.envelope.payload))
     .bind(delivery.signature)
     .fetch_one(&mut *conn)
     .await?;
@@ -123,7 +121,7 @@ impl StoredEvent {
         Ok(LoggedEvent {
             position: self.position,
             received_at: self.received_at,
-            envelope: Envelope::parse(&self.body)?,
+            envelope: Envelope::parse_logged(&self.body)?,
         })
     }
 }

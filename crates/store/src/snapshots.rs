@@ -1,7 +1,7 @@
 //! Account snapshots, the projector's checkpoint and its leader lock.
 
 use chrono::{DateTime, Utc};
-use domain::{AccountSnapshot, AccountStatus};
+use domain::{AccountSnapshot, AccountStatus, Resource};
 use futures_util::stream::{BoxStream, StreamExt};
 use sqlx::PgConnection;
 use sqlx::types::Json;
@@ -40,7 +40,7 @@ struct SnapshotRow {
     user_id: Uuid,
     status: String,
     connection_status: Option<String>,
-    resource: Option<Json<serde_json::Value>>,
+    resource: Option<String>,
     version: i64,
     last_position: i64,
     last_event: String,
@@ -57,7 +57,8 @@ impl From<SnapshotRow> for AccountSnapshot {
             // The CHECK constraint admits only the two values AccountStatus knows.
             status: AccountStatus::parse(&row.status).unwrap_or(AccountStatus::Active),
             connection_status: row.connection_status,
-            resource: row.resource.map(|r| r.0),
+            // jsonb text is always valid JSON.
+            resource: row.resource.as_deref().and_then(Resource::from_json),
             version: row.version,
             last_position: row.last_position,
             last_event: row.last_event,
@@ -68,7 +69,7 @@ impl From<SnapshotRow> for AccountSnapshot {
     }
 }
 
-const SNAPSHOT_COLUMNS: &str = "account_id, user_id, status, connection_status, resource, version, \
+const SNAPSHOT_COLUMNS: &str = "account_id, user_id, status, connection_status, resource::text AS resource, version, \
      last_position, last_event, first_seen_at, last_event_at, removed_at";
 
 /// The snapshot of one account.
