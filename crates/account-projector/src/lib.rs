@@ -71,6 +71,12 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Longest time one HTTP request may take, slow clients included.
     pub request_timeout: Duration,
+    /// Longest wait for the database within one request before answering 503.
+    pub database_timeout: Duration,
+    /// Longest time a client may take to send a request's headers (slowloris).
+    pub header_timeout: Duration,
+    /// How long shutdown waits for in-flight requests before closing their connections.
+    pub shutdown_grace: Duration,
     pub projector: ProjectorConfig,
     pub db: DbOptions,
 }
@@ -89,6 +95,9 @@ impl Settings {
             dedup_window: Duration::from_secs(24 * 3600),
             max_body_bytes: 1_048_576,
             request_timeout: Duration::from_secs(30),
+            database_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
             projector: ProjectorConfig::default(),
             db: DbOptions::default(),
         }
@@ -101,6 +110,14 @@ pub struct Application {
     router: Router,
     pool: PgPool,
     projector: Option<ProjectorConfig>,
+    limits: ConnectionLimits,
+}
+
+/// Per-connection timeouts of the HTTP server.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    header_timeout: Duration,
+    shutdown_grace: Duration,
 }
 
 impl Application {
@@ -145,6 +162,7 @@ impl Application {
                 secrets,
                 dedup_window: settings.dedup_window,
                 max_body_bytes: settings.max_body_bytes,
+                database_timeout: settings.database_timeout,
             }));
         }
         if role.serves_api() {
@@ -158,6 +176,7 @@ impl Application {
                         .cloned()
                         .collect(),
                 ),
+                database_timeout: settings.database_timeout,
             }));
         }
         let timeout = settings.request_timeout;
@@ -169,12 +188,11 @@ impl Application {
             }))
             .layer(TraceLayer::new_for_http());
         let projector = role.projects().then(|| settings.projector.clone());
-        Ok(Self {
-            listener,
-            router,
-            pool,
-            projector,
-        })
+        let limits = ConnectionLimits {
+            header_timeout: settings.header_timeout,
+            shutdown_grace: settings.shutdown_grace,
+        };
+        Ok(Self { listener, router, pool, projector, limits })
     }
 
     /// The bound port (useful when listening on port 0).
@@ -194,9 +212,7 @@ impl Application {
         let projector = self.projector.map(|config| {
             tokio::spawn(projector::run(self.pool.clone(), config, shutdown.clone()))
         });
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await;
+        let served = serve(self.listener, self.router, shutdown.clone(), self.limits).await;
         shutdown.cancel();
         if let Some(projector) = projector {
             projector.await.context("projector task failed")?;
@@ -204,6 +220,56 @@ impl Application {
         self.pool.close().await;
         served.context("HTTP server failed")
     }
+}
+
+/// Accepts connections until `shutdown` fires, then waits (up to the grace period) for the requests
+/// in flight. Headers must arrive within `header_timeout`, so idle half-open clients cannot pile up.
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    limits: ConnectionLimits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("no longer accepting connections; waiting for requests in flight");
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(grace = ?limits.shutdown_grace, "requests still in flight after the grace period; closing them");
+        }
+    }
+    Ok(())
 }
 
 async fn time_limit(limit: Duration, request: Request, next: Next) -> Response {

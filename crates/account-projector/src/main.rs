@@ -154,6 +154,18 @@ struct ServeArgs {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
 
+    /// Longest wait for the database within one request before answering 503 with Retry-After.
+    #[arg(long, env = "DATABASE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    database_timeout: Duration,
+
+    /// Longest time a client may take to send a request's headers.
+    #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+
+    /// On SIGTERM, how long to wait for requests in flight before closing their connections.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+
     /// Events the projector folds per transaction.
     #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
     batch_size: i64,
@@ -225,6 +237,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             settings.dedup_window = args.dedup_window;
             settings.max_body_bytes = args.max_body_bytes;
             settings.request_timeout = args.request_timeout;
+            settings.database_timeout = args.database_timeout;
+            settings.header_timeout = args.header_timeout;
+            settings.shutdown_grace = args.shutdown_grace;
             settings.projector = ProjectorConfig {
                 batch_size: args.batch_size,
                 poll_interval: args.poll_interval,

@@ -241,3 +241,42 @@ pub(crate) async fn account_changes(
     }
     Ok(Json(Changes { changes }))
 }
+
+#[derive(Serialize)]
+struct QuarantinedView {
+    position: i64,
+    event: String,
+    account_id: Option<Uuid>,
+    error: String,
+    quarantined_at: DateTime<Utc>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct QuarantinePage {
+    events: Vec<QuarantinedView>,
+    next_after: Option<i64>,
+}
+
+/// `GET /v1/quarantine?after=&limit=`: events the fold refused, in log order, with the reason.
+pub(crate) async fn quarantine(
+    State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<QuarantinePage>, Problem> {
+    let (after, limit) = Params::parse(query.as_deref())?.page()?;
+    let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
+    let mut rows = store::quarantine::page(&mut conn, after, limit + 1).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_after = if more { rows.last().map(|r| r.position) } else { None };
+    let events = rows
+        .into_iter()
+        .map(|r| QuarantinedView {
+            position: r.position,
+            event: r.event,
+            account_id: r.account_id,
+            error: r.error,
+            quarantined_at: r.quarantined_at,
+        })
+        .collect();
+    Ok(Json(QuarantinePage { events, next_after }))
+}

@@ -33,6 +33,8 @@ pub struct ApiState {
     pub pool: PgPool,
     /// Accepted bearer tokens; empty means `/v1` is open.
     pub tokens: Arc<Vec<String>>,
+    /// A query that takes longer is answered 503: the database is unreachable or stuck.
+    pub database_timeout: std::time::Duration,
 }
 
 /// `/v1` query routes.
@@ -48,7 +50,9 @@ pub fn router(state: ApiState) -> Router {
             get(history::account_changes),
         )
         .route("/v1/events", get(history::all_events))
+        .route("/v1/quarantine", get(history::quarantine))
         .route("/v1/users/{user_id}/accounts", get(get_user_accounts))
+        .route_layer(middleware::from_fn_with_state(state.clone(), database_deadline))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -84,6 +88,17 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         next.run(request).await
     } else {
         Problem::unauthorized().into_response()
+    }
+}
+
+/// Query routes read no body, so their time is database time: past the deadline, answer 503.
+async fn database_deadline(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(state.database_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(timeout = ?state.database_timeout, "query timed out");
+            Problem::unavailable().into_response()
+        }
     }
 }
 

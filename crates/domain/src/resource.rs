@@ -18,6 +18,8 @@ pub struct Resource {
     /// Exact JSON text; always valid JSON (it comes from a parsed `RawValue`).
     raw: Arc<str>,
     is_object: bool,
+    /// `updated_at` is present but not a string (a string that is not RFC 3339 is merely unparseable).
+    updated_at_mistyped: bool,
     updated_at: Option<DateTime<Utc>>,
     connection_status: Option<String>,
 }
@@ -53,9 +55,9 @@ impl Resource {
         } else {
             None
         };
-        let updated_at = probe
-            .as_ref()
-            .and_then(|p| p.updated_at)
+        let raw_updated_at = probe.as_ref().and_then(|p| p.updated_at).filter(|r| r.get() != "null");
+        let updated_at_mistyped = raw_updated_at.is_some_and(|r| !r.get().starts_with('"'));
+        let updated_at = raw_updated_at
             .and_then(as_string)
             .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
             .map(|t| t.with_timezone(&Utc));
@@ -68,6 +70,7 @@ impl Resource {
         Self {
             raw: Arc::from(raw.get()),
             is_object: object,
+            updated_at_mistyped,
             updated_at,
             connection_status,
         }
@@ -99,6 +102,11 @@ impl Resource {
     /// Whether it is a JSON object, as an account object must be.
     pub fn is_object(&self) -> bool {
         self.is_object
+    }
+
+    /// True when `updated_at` is there but is not a string (a number, an object, ...).
+    pub fn updated_at_mistyped(&self) -> bool {
+        self.updated_at_mistyped
     }
 
     /// `updated_at`, when it is an RFC 3339 string.
@@ -151,6 +159,10 @@ mod tests {
         assert_ne!(a, Resource::from_json(r#"{"x":[2]}"#).unwrap());
         let odd = Resource::from_json(r#"{"updated_at": 12, "connection": "up"}"#).unwrap();
         assert_eq!((odd.updated_at(), odd.connection_status()), (None, None));
+        assert!(odd.updated_at_mistyped());
+        let unparseable = Resource::from_json(r#"{"updated_at": "soon"}"#).unwrap();
+        assert!(!unparseable.updated_at_mistyped() && unparseable.updated_at().is_none());
+        assert!(!Resource::from_json(r#"{"updated_at": null}"#).unwrap().updated_at_mistyped());
         assert!(!Resource::from_json(r#""text""#).unwrap().is_object());
         assert_eq!(serde_json::to_string(&a).unwrap(), a.raw());
     }

@@ -8,6 +8,9 @@
 //! - `accounts.removed` is terminal: later events count in `version` and `last_*`, nothing else;
 //! - `version` counts the distinct events folded (the log stores a redelivery as a delivery of the
 //!   original event, never as an event, so it cannot reach the fold);
+//! - an event the fold cannot apply (a `resource` that is not an object, an `updated_at` that is not a
+//!   string) is refused with a [`FoldError`]; the caller leaves the snapshot as it was and the
+//!   account's other events still apply;
 //! - `connection_status` is the applied resource's `connection.status`; an event without a resource
 //!   implies one by its name (added → connecting, connected → connected, failed → error). A resource
 //!   that loses the `updated_at` comparison is stale and implies nothing.
@@ -85,6 +88,8 @@ pub enum FoldError {
     WrongAccount { snapshot: Uuid, event: Uuid },
     #[error("data.resource is not a JSON object")]
     ResourceNotObject,
+    #[error("data.resource.updated_at is not a string")]
+    UpdatedAtNotString,
 }
 
 impl AccountSnapshot {
@@ -173,6 +178,9 @@ pub fn apply(
     let resource = envelope.resource.as_ref();
     if resource.is_some_and(|r| !r.is_object()) {
         return Err(FoldError::ResourceNotObject);
+    }
+    if resource.is_some_and(Resource::updated_at_mistyped) {
+        return Err(FoldError::UpdatedAtNotString);
     }
     let mut next = match snapshot {
         Some(s) if s.account_id != account_id => {
@@ -388,10 +396,13 @@ mod tests {
     #[test]
     fn unparseable_updated_at_applies_in_log_order() {
         let odd = edited(2, FIXTURES[3], |v| {
-            v["data"]["resource"]["updated_at"] = 12.into()
+            v["data"]["resource"]["updated_at"] = "not a date".into()
         });
         let s = fold(&[logged(1, FIXTURES[5]), odd.clone()]).unwrap();
-        assert_eq!(s.resource.as_ref().unwrap().value()["updated_at"], 12);
+        assert_eq!(
+            s.resource.as_ref().unwrap().value()["updated_at"],
+            "not a date"
+        );
         let s = fold(&[odd, logged(3, FIXTURES[0])]).unwrap();
         assert_eq!(s.resource, Some(resource_of(FIXTURES[0])));
     }
@@ -436,6 +447,8 @@ mod tests {
         assert_eq!(apply(None, &other).unwrap(), None);
         let poison = edited(2, FIXTURES[3], |v| v["data"]["resource"] = "nope".into());
         assert_eq!(apply(None, &poison), Err(FoldError::ResourceNotObject));
+        let mistyped = edited(3, FIXTURES[3], |v| v["data"]["resource"]["updated_at"] = 12.into());
+        assert_eq!(apply(None, &mistyped), Err(FoldError::UpdatedAtNotString));
         let before = fold(&[logged(1, FIXTURES[0])]);
         assert_eq!(fold(&[logged(1, FIXTURES[0]), poison]), before);
     }

@@ -86,6 +86,9 @@ pub struct IngestState {
     pub dedup_window: Duration,
     /// Larger bodies are refused with 413 without being read whole.
     pub max_body_bytes: usize,
+    /// An append that takes longer is answered 503: the database is unreachable or stuck. Postgres's
+    /// own statement timeout cannot fire when the network to it is what hangs.
+    pub database_timeout: Duration,
 }
 
 /// `POST /webhooks/argyle`.
@@ -160,7 +163,11 @@ async fn receive(
         signature: signature.as_deref(),
         envelope: &envelope,
     };
-    let appended = store::log::append(&state.pool, delivery, state.dedup_window).await?;
+    let append = store::log::append(&state.pool, delivery, state.dedup_window);
+    let appended = tokio::time::timeout(state.database_timeout, append).await.map_err(|_| {
+        tracing::warn!(timeout = ?state.database_timeout, "append timed out");
+        Problem::unavailable()
+    })??;
     let span = tracing::Span::current();
     span.record("position", appended.position);
     span.record("duplicate", appended.duplicate);

@@ -25,6 +25,7 @@ use domain::{AccountSnapshot, EventKind};
 use sqlx::{Connection, PgConnection};
 use store::PgPool;
 use store::log::{AppendNotifications, StoredEvent};
+use store::quarantine::Refusal;
 use store::snapshots::{CHECKPOINT, Table};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -57,7 +58,7 @@ pub struct BatchOutcome {
     pub events: usize,
     /// Snapshot rows written: one per account touched, however many of its events were in the batch.
     pub snapshots_written: usize,
-    /// Events the fold refused; they stay in the log, the snapshot is left as it was.
+    /// Events the fold refused and quarantined; they stay in the log, the snapshot is left as it was.
     pub refused: usize,
     /// The checkpoint after the batch.
     pub checkpoint: i64,
@@ -147,16 +148,15 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
     })
 }
 
-/// Folds `events` (in log order) into the snapshots of `table`, writing each touched account once.
-/// Returns the number of snapshots written and of events the fold refused.
+/// Folds `events` (in log order) into the snapshots of `table`, writing each touched account once
+/// and quarantining the events the fold refuses (the account's other events still apply).
+/// Returns the number of snapshots written and of events refused.
 pub(crate) async fn fold_into(
     conn: &mut PgConnection,
     table: Table,
     events: &[StoredEvent],
 ) -> store::Result<(usize, usize)> {
-    let folded = events
-        .iter()
-        .filter(|e| EventKind::of(&e.event).is_account_event());
+    let folded = events.iter().filter(|e| EventKind::of(&e.event).is_account_event());
     let accounts: Vec<Uuid> = folded
         .clone()
         .filter_map(|e| e.account_id)
@@ -170,11 +170,9 @@ pub(crate) async fn fold_into(
             .map(|s| (s.account_id, s))
             .collect();
     let mut touched = HashSet::new();
-    let mut refused = 0;
+    let mut refusals = vec![];
     for stored in folded {
-        let Some(account) = stored.account_id else {
-            continue;
-        };
+        let Some(account) = stored.account_id else { continue };
         let current = snapshots.get(&account).cloned();
         match fold_stored(current, stored) {
             Ok(Some(next)) => {
@@ -182,27 +180,27 @@ pub(crate) async fn fold_into(
                 touched.insert(account);
             }
             Ok(None) => {}
-            Err(()) => refused += 1,
+            Err(refusal) => refusals.push(refusal),
         }
     }
-    let changed: Vec<AccountSnapshot> = touched
-        .iter()
-        .filter_map(|id| snapshots.remove(id))
-        .collect();
+    let changed: Vec<AccountSnapshot> = touched.iter().filter_map(|id| snapshots.remove(id)).collect();
     store::snapshots::save(conn, table, &changed).await?;
-    Ok((changed.len(), refused))
+    store::quarantine::record(conn, &refusals).await?;
+    Ok((changed.len(), refusals.len()))
 }
 
-/// Applies one stored event with [`domain::apply`]; a body that no longer parses or an event the fold
-/// refuses is logged and reported as `Err(())`, and the snapshot stays as it was.
+/// Applies one stored event with [`domain::apply`]. A body that no longer parses or an event the
+/// fold refuses becomes a [`Refusal`] (logged here), and the snapshot stays as it was.
 pub(crate) fn fold_stored(
     current: Option<AccountSnapshot>,
     stored: &StoredEvent,
-) -> Result<Option<AccountSnapshot>, ()> {
-    let logged = stored.to_logged().map_err(|error| {
-        tracing::error!(position = stored.position, %error, "stored event does not parse; not folded");
-    })?;
-    domain::apply(current, &logged).map_err(|error| {
-        tracing::error!(position = stored.position, account = ?stored.account_id, %error, "event refused by the fold");
+) -> Result<Option<AccountSnapshot>, Refusal> {
+    let outcome = match stored.to_logged() {
+        Ok(logged) => domain::apply(current, &logged).map_err(|e| e.to_string()),
+        Err(error) => Err(format!("stored body does not parse: {error}")),
+    };
+    outcome.map_err(|error| {
+        tracing::warn!(position = stored.position, account = ?stored.account_id, %error, "event quarantined");
+        Refusal { position: stored.position, account_id: stored.account_id, event: stored.event.clone(), error }
     })
 }

@@ -19,6 +19,7 @@ use futures_util::TryStreamExt;
 use sqlx::Connection;
 use store::PgPool;
 use store::log::StoredEvent;
+use store::quarantine::Refusal;
 use store::snapshots::{CHECKPOINT, Table};
 use uuid::Uuid;
 
@@ -83,6 +84,8 @@ pub struct Difference {
 #[derive(Default)]
 struct AccountFolder {
     current: Option<(Uuid, Option<AccountSnapshot>)>,
+    /// Events the fold refused since the caller last took them.
+    refusals: Vec<Refusal>,
 }
 
 impl AccountFolder {
@@ -100,7 +103,10 @@ impl AccountFolder {
         };
         let next = match fold_stored(state.clone(), stored) {
             Ok(next) => next,
-            Err(()) => state,
+            Err(refusal) => {
+                self.refusals.push(refusal);
+                state
+            }
         };
         self.current = Some((account, next));
         finished
@@ -142,7 +148,9 @@ pub async fn rebuild_all(
                 buffer.push(done);
                 if buffer.len() >= WRITE_BATCH {
                     store::snapshots::save(&mut writer, Table::Rebuild, &buffer).await?;
+                    store::quarantine::record(&mut writer, &folder.refusals).await?;
                     buffer.clear();
+                    folder.refusals.clear();
                 }
             }
             events += 1;
@@ -151,6 +159,7 @@ pub async fn rebuild_all(
             }
         }
         progress.advance(events % 256);
+        store::quarantine::record(&mut writer, &folder.refusals).await?;
         buffer.extend(folder.finish());
         store::snapshots::save(&mut writer, Table::Rebuild, &buffer).await?;
     }
@@ -206,6 +215,9 @@ pub async fn rebuild_account(pool: &PgPool, account: Uuid) -> Result<RebuildRepo
             folder.push(&stored);
             events += 1;
         }
+        let refusals = std::mem::take(&mut folder.refusals);
+        drop(stream);
+        store::quarantine::record(&mut tx, &refusals).await?;
         folder.finish()
     };
     let accounts = match snapshot {

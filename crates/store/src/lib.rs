@@ -28,6 +28,7 @@
 
 pub mod log;
 pub mod migrate;
+pub mod quarantine;
 pub mod snapshots;
 
 use std::str::FromStr;
