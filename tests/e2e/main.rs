@@ -8,5 +8,6 @@ mod audit;
 mod concurrency;
 mod crash;
 mod helpers;
+mod hostile;
 mod ingest;
 mod projection;

@@ -192,7 +192,13 @@ impl Application {
             header_timeout: settings.header_timeout,
             shutdown_grace: settings.shutdown_grace,
         };
-        Ok(Self { listener, router, pool, projector, limits })
+        Ok(Self {
+            listener,
+            router,
+            pool,
+            projector,
+            limits,
+        })
     }
 
     /// The bound port (useful when listening on port 0).
@@ -236,7 +242,10 @@ async fn serve(
     use hyper_util::service::TowerToHyperService;
 
     let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
     let graceful = GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -253,7 +262,9 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

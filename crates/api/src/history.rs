@@ -267,7 +267,11 @@ pub(crate) async fn quarantine(
     let mut rows = store::quarantine::page(&mut conn, after, limit + 1).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    let next_after = if more { rows.last().map(|r| r.position) } else { None };
+    let next_after = if more {
+        rows.last().map(|r| r.position)
+    } else {
+        None
+    };
     let events = rows
         .into_iter()
         .map(|r| QuarantinedView {

@@ -52,7 +52,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(history::all_events))
         .route("/v1/quarantine", get(history::quarantine))
         .route("/v1/users/{user_id}/accounts", get(get_user_accounts))
-        .route_layer(middleware::from_fn_with_state(state.clone(), database_deadline))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            database_deadline,
+        ))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -92,7 +95,11 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
 }
 
 /// Query routes read no body, so their time is database time: past the deadline, answer 503.
-async fn database_deadline(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+async fn database_deadline(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Response {
     match tokio::time::timeout(state.database_timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {

@@ -55,7 +55,10 @@ impl Resource {
         } else {
             None
         };
-        let raw_updated_at = probe.as_ref().and_then(|p| p.updated_at).filter(|r| r.get() != "null");
+        let raw_updated_at = probe
+            .as_ref()
+            .and_then(|p| p.updated_at)
+            .filter(|r| r.get() != "null");
         let updated_at_mistyped = raw_updated_at.is_some_and(|r| !r.get().starts_with('"'));
         let updated_at = raw_updated_at
             .and_then(as_string)
@@ -162,7 +165,11 @@ mod tests {
         assert!(odd.updated_at_mistyped());
         let unparseable = Resource::from_json(r#"{"updated_at": "soon"}"#).unwrap();
         assert!(!unparseable.updated_at_mistyped() && unparseable.updated_at().is_none());
-        assert!(!Resource::from_json(r#"{"updated_at": null}"#).unwrap().updated_at_mistyped());
+        assert!(
+            !Resource::from_json(r#"{"updated_at": null}"#)
+                .unwrap()
+                .updated_at_mistyped()
+        );
         assert!(!Resource::from_json(r#""text""#).unwrap().is_object());
         assert_eq!(serde_json::to_string(&a).unwrap(), a.raw());
     }

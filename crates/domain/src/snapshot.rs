@@ -447,7 +447,9 @@ mod tests {
         assert_eq!(apply(None, &other).unwrap(), None);
         let poison = edited(2, FIXTURES[3], |v| v["data"]["resource"] = "nope".into());
         assert_eq!(apply(None, &poison), Err(FoldError::ResourceNotObject));
-        let mistyped = edited(3, FIXTURES[3], |v| v["data"]["resource"]["updated_at"] = 12.into());
+        let mistyped = edited(3, FIXTURES[3], |v| {
+            v["data"]["resource"]["updated_at"] = 12.into()
+        });
         assert_eq!(apply(None, &mistyped), Err(FoldError::UpdatedAtNotString));
         let before = fold(&[logged(1, FIXTURES[0])]);
         assert_eq!(fold(&[logged(1, FIXTURES[0]), poison]), before);

@@ -164,10 +164,12 @@ async fn receive(
         envelope: &envelope,
     };
     let append = store::log::append(&state.pool, delivery, state.dedup_window);
-    let appended = tokio::time::timeout(state.database_timeout, append).await.map_err(|_| {
-        tracing::warn!(timeout = ?state.database_timeout, "append timed out");
-        Problem::unavailable()
-    })??;
+    let appended = tokio::time::timeout(state.database_timeout, append)
+        .await
+        .map_err(|_| {
+            tracing::warn!(timeout = ?state.database_timeout, "append timed out");
+            Problem::unavailable()
+        })??;
     let span = tracing::Span::current();
     span.record("position", appended.position);
     span.record("duplicate", appended.duplicate);

@@ -156,7 +156,9 @@ pub(crate) async fn fold_into(
     table: Table,
     events: &[StoredEvent],
 ) -> store::Result<(usize, usize)> {
-    let folded = events.iter().filter(|e| EventKind::of(&e.event).is_account_event());
+    let folded = events
+        .iter()
+        .filter(|e| EventKind::of(&e.event).is_account_event());
     let accounts: Vec<Uuid> = folded
         .clone()
         .filter_map(|e| e.account_id)
@@ -172,7 +174,9 @@ pub(crate) async fn fold_into(
     let mut touched = HashSet::new();
     let mut refusals = vec![];
     for stored in folded {
-        let Some(account) = stored.account_id else { continue };
+        let Some(account) = stored.account_id else {
+            continue;
+        };
         let current = snapshots.get(&account).cloned();
         match fold_stored(current, stored) {
             Ok(Some(next)) => {
@@ -183,7 +187,10 @@ pub(crate) async fn fold_into(
             Err(refusal) => refusals.push(refusal),
         }
     }
-    let changed: Vec<AccountSnapshot> = touched.iter().filter_map(|id| snapshots.remove(id)).collect();
+    let changed: Vec<AccountSnapshot> = touched
+        .iter()
+        .filter_map(|id| snapshots.remove(id))
+        .collect();
     store::snapshots::save(conn, table, &changed).await?;
     store::quarantine::record(conn, &refusals).await?;
     Ok((changed.len(), refusals.len()))

@@ -62,5 +62,7 @@ pub async fn page(conn: &mut PgConnection, after: i64, limit: i64) -> Result<Vec
 
 /// How many events are quarantined.
 pub async fn count(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM quarantine").fetch_one(conn).await?)
+    Ok(sqlx::query_scalar("SELECT count(*) FROM quarantine")
+        .fetch_one(conn)
+        .await?)
 }
