@@ -442,3 +442,90 @@ pub async fn run_binary(
         String::from_utf8(output.stderr).unwrap(),
     )
 }
+
+/// A TCP proxy in front of Postgres that a test can cut (connections dropped, new ones closed at
+/// once, as when the server is down) or black-hole (connections accepted, nothing forwarded, as
+/// when the network hangs), and restore.
+pub struct DbProxy {
+    pub port: u16,
+    state: std::sync::Arc<tokio::sync::watch::Sender<ProxyState>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyState {
+    Forwarding,
+    Down,
+    BlackHole,
+}
+
+impl DbProxy {
+    pub async fn start() -> Self {
+        let upstream = {
+            let url = server_url();
+            let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+            (options.get_host().to_string(), options.get_port())
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (state, _) = tokio::sync::watch::channel(ProxyState::Forwarding);
+        let state = std::sync::Arc::new(state);
+        let accepting = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut watch = accepting.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let state = *watch.borrow_and_update();
+                    match state {
+                        ProxyState::Down => return,
+                        ProxyState::BlackHole => {
+                            // Hold the socket open, answer nothing, until the state changes.
+                            let _ = watch.changed().await;
+                            return;
+                        }
+                        ProxyState::Forwarding => {}
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = async {
+                            loop {
+                                if watch.changed().await.is_err() { return; }
+                                let state = *watch.borrow();
+                                match state {
+                                    ProxyState::Down => return,
+                                    // Stop forwarding but keep both sockets open.
+                                    ProxyState::BlackHole => std::future::pending::<()>().await,
+                                    ProxyState::Forwarding => {}
+                                }
+                            }
+                        } => {}
+                    }
+                });
+            }
+        });
+        Self { port, state }
+    }
+
+    pub fn set(&self, state: ProxyState) {
+        self.state.send_replace(state);
+    }
+
+    /// `database_url` with its host and port replaced by the proxy's.
+    pub fn url(&self, database_url: &str) -> String {
+        let database = database_url.rsplit('/').next().unwrap();
+        let base = server_url();
+        let options: sqlx::postgres::PgConnectOptions = base.parse().unwrap();
+        format!(
+            "postgres://{}@127.0.0.1:{}/{database}",
+            options.get_username(),
+            self.port
+        )
+    }
+}

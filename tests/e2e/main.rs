@@ -11,3 +11,4 @@ mod helpers;
 mod hostile;
 mod ingest;
 mod projection;
+mod reliability;

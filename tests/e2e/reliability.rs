@@ -1,0 +1,366 @@
+//! Faults: the database going away, poison events, SIGTERM with requests in flight, a projector
+//! killed at random moments, and secrets kept out of the logs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_database_goes_away_ingest_answers_503_recovers_and_loses_nothing_acknowledged() {
+    let proxy = DbProxy::start().await;
+    let direct = migrated_database().await;
+    let mut settings = test_settings().await;
+    settings.database_url = proxy.url(&direct);
+    settings.migrate = false;
+    settings.db.acquire_timeout = Duration::from_millis(500);
+    settings.database_timeout = Duration::from_millis(1000);
+    let app = Arc::new(spawn_app_with(settings).await);
+    let pool = sqlx::PgPool::connect(&direct).await.unwrap();
+
+    let (accepted, unavailable) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut senders = vec![];
+    for sender in 0..4u32 {
+        let (app, accepted, unavailable, stop) = (
+            app.clone(),
+            accepted.clone(),
+            unavailable.clone(),
+            stop.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            let (account, user) = (Uuid::new_v4(), Uuid::new_v4());
+            let mut acknowledged = vec![];
+            for step in 0.. {
+                let body = refinement(account, user, sender * 100_000 + step);
+                let started = Instant::now();
+                let response = tokio::select! {
+                    response = app.post_webhook(&body) => response,
+                    () = stop.notified() => break,
+                };
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "a request hung for {:?}",
+                    started.elapsed()
+                );
+                match response.status().as_u16() {
+                    200 => {
+                        let json: Value = response.json().await.unwrap();
+                        acknowledged.push((body, json["position"].as_i64().unwrap()));
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    503 => {
+                        assert!(response.headers().contains_key("retry-after"));
+                        let problem: Value = response.json().await.unwrap();
+                        assert_eq!(problem["code"], "unavailable");
+                        unavailable.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            acknowledged
+        }));
+    }
+    let count = |counter: &Arc<AtomicUsize>| counter.load(Ordering::SeqCst);
+    poll_until("some deliveries are accepted", || async {
+        count(&accepted) >= 40
+    })
+    .await;
+    proxy.set(ProxyState::Down);
+    poll_until("the outage is noticed", || async {
+        count(&unavailable) >= 8
+    })
+    .await;
+    proxy.set(ProxyState::BlackHole);
+    let before = count(&unavailable);
+    poll_until("a hanging network is noticed", || async {
+        count(&unavailable) >= before + 8
+    })
+    .await;
+    proxy.set(ProxyState::Forwarding);
+    let before = count(&accepted);
+    poll_until("ingest recovers by itself", || async {
+        count(&accepted) >= before + 40
+    })
+    .await;
+    for _ in 0..senders.len() {
+        stop.notify_waiters();
+    }
+    stop.notify_waiters();
+    let mut acknowledged = vec![];
+    for sender in senders {
+        stop.notify_one();
+        acknowledged.extend(sender.await.unwrap());
+    }
+
+    // Every 200 is in the log, at the position it was given.
+    for (body, position) in &acknowledged {
+        let stored: Vec<u8> =
+            sqlx::query_scalar("SELECT body_sha256 FROM events WHERE position = $1")
+                .bind(position)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(stored, Sha256::digest(body).to_vec(), "position {position}");
+    }
+    // The projector reconnected and folded everything.
+    wait_for_projection(&pool).await;
+    assert_eq!(stored_snapshots(&pool).await, fresh_fold(&pool).await);
+    Arc::into_inner(app).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn poison_events_are_quarantined_and_the_projector_moves_on() {
+    let app = spawn_app().await;
+    let (account, user) = (Uuid::new_v4(), Uuid::new_v4());
+    app.deliver(&refinement(account, user, 1)).await;
+    let mut not_an_object: Value = serde_json::from_slice(&refinement(account, user, 2)).unwrap();
+    not_an_object["data"]["resource"] = "surprise".into();
+    let (p1, _) = app
+        .deliver(&serde_json::to_vec_pretty(&not_an_object).unwrap())
+        .await;
+    let mut numeric_stamp: Value = serde_json::from_slice(&refinement(account, user, 3)).unwrap();
+    numeric_stamp["data"]["resource"]["updated_at"] = 1_700_000_000.into();
+    let (p2, _) = app
+        .deliver(&serde_json::to_vec_pretty(&numeric_stamp).unwrap())
+        .await;
+    let (last, _) = app.deliver(&refinement(account, user, 4)).await;
+    app.wait_for_projection().await;
+
+    let view = app.account_view(account).await;
+    assert_eq!(view["version"], 2, "the poison events are not folded");
+    assert_eq!(
+        view["last_position"], last,
+        "later events of the same account still apply"
+    );
+    assert_eq!(view["resource"]["step"], 4);
+
+    let quarantine: Value = app.get("/v1/quarantine").await.json().await.unwrap();
+    let entries = quarantine["events"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["position"], p1);
+    assert_eq!(entries[0]["account_id"], account.to_string());
+    assert!(
+        entries[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a JSON object")
+    );
+    assert_eq!(entries[1]["position"], p2);
+    assert!(entries[1]["error"].as_str().unwrap().contains("updated_at"));
+    assert!(entries[1]["quarantined_at"].is_string());
+    assert_eq!(quarantine["next_after"], Value::Null);
+    let page: Value = app
+        .get("/v1/quarantine?limit=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["next_after"], p1);
+
+    // A rebuild meets them again and agrees.
+    let (code, out, err) = run_binary(&app.database_url, &["rebuild"], &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let again: Value = app.get("/v1/quarantine").await.json().await.unwrap();
+    assert_eq!(again["events"].as_array().unwrap().len(), 2);
+    assert_eq!(app.account_view(account).await["version"], 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_request_in_flight_finish_then_exits_cleanly() {
+    let database_url = migrated_database().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let port = free_port().await;
+    let listen = format!("127.0.0.1:{port}");
+    let mut service = spawn_binary(
+        &database_url,
+        "all",
+        "service",
+        &[("LISTEN_ADDR", listen.as_str())],
+    );
+    poll_until("the service listens", || async {
+        tokio::net::TcpStream::connect(&listen).await.is_ok()
+    })
+    .await;
+
+    // Start a delivery, send half its body, then ask the service to stop.
+    let body = refinement(Uuid::new_v4(), Uuid::new_v4(), 1);
+    let head = format!(
+        "POST /webhooks/argyle HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Argyle-Signature: {}\r\nContent-Length: {}\r\n\r\n",
+        sign(&body),
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..body.len() / 2]).await.unwrap();
+    let pid = service.process.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    poll_until("new connections are refused", || async {
+        tokio::net::TcpStream::connect(&listen).await.is_err()
+    })
+    .await;
+
+    stream.write_all(&body[body.len() / 2..]).await.unwrap();
+    let mut answer = vec![];
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let exit = tokio::time::timeout(Duration::from_secs(15), service.process.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(
+        head_position(&pool).await,
+        1,
+        "the in-flight delivery was committed"
+    );
+}
+
+async fn head_position(pool: &sqlx::PgPool) -> i64 {
+    head(pool).await
+}
+
+async fn free_port() -> u16 {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_projector_killed_at_random_moments_under_load_ends_equal_to_a_fresh_fold() {
+    let database_url = migrated_database().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let accounts: Vec<(Uuid, Uuid)> = (0..10).map(|_| (Uuid::new_v4(), Uuid::new_v4())).collect();
+    let load = tokio::spawn({
+        let (pool, accounts) = (pool.clone(), accounts.clone());
+        async move {
+            for step in 0..1500u32 {
+                let (account, user) = accounts[step as usize % accounts.len()];
+                append_direct(&pool, &refinement(account, user, step)).await;
+            }
+        }
+    });
+    for round in 0..8 {
+        let mut projector = spawn_binary(
+            &database_url,
+            "projector",
+            &format!("victim-{round}"),
+            &[("PROJECTOR_BATCH_SIZE", "7")],
+        );
+        let pause = rand::rng().random_range(50..400);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        projector.process.kill().await.unwrap();
+    }
+    load.await.unwrap();
+    let mut projector = spawn_binary(&database_url, "projector", "survivor", &[]);
+    wait_for_projection(&pool).await;
+    projector.process.kill().await.unwrap();
+    let snapshots = stored_snapshots(&pool).await;
+    assert_eq!(snapshots, fresh_fold(&pool).await);
+    assert!(
+        snapshots.values().all(|s| s.version == 150),
+        "nothing folded twice or lost"
+    );
+    let (code, out, err) = run_binary(&database_url, &["rebuild", "--verify"], &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test]
+async fn secrets_and_tokens_never_reach_the_logs() {
+    let database_url = migrated_database().await;
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let token = "tok-5f1d3c7e9a";
+    let secret = "whsec-2b8e4a6c0d";
+    let password_url = database_url.replacen("postgres@", "postgres:pw-9c3e1a7b@", 1);
+    let log_file = std::env::temp_dir().join(format!("ap-logs-{}.txt", Uuid::new_v4()));
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_account-projector"));
+    command
+        .args(["serve", "--no-migrate"])
+        .env("DATABASE_URL", &password_url)
+        .env("LISTEN_ADDR", &listen)
+        .env("ARGYLE_WEBHOOK_SECRETS", format!("old-secret-77,{secret}"))
+        .env("API_TOKENS", token)
+        .env("RUST_LOG", "trace")
+        .env("LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_file).unwrap())
+        .kill_on_drop(true);
+    let mut service = command.spawn().unwrap();
+    poll_until("the service listens", || async {
+        tokio::net::TcpStream::connect(&listen).await.is_ok()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let body = refinement(Uuid::new_v4(), Uuid::new_v4(), 1);
+    let signature = sign_with(secret, &body);
+    let post = |signature: String| {
+        client
+            .post(format!("http://{listen}/webhooks/argyle"))
+            .header("Content-Type", "application/json")
+            .header("X-Argyle-Signature", signature)
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(post(signature.clone()).await.unwrap().status(), 200);
+    assert_eq!(post("ab".repeat(64)).await.unwrap().status(), 401);
+    let authorized = client
+        .get(format!("http://{listen}/v1/events"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(authorized.status(), 200);
+    let wrong = client
+        .get(format!("http://{listen}/v1/events"))
+        .bearer_auth(format!("{token}x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let pid = service.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    service.wait().await.unwrap();
+
+    let logs = std::fs::read_to_string(&log_file).unwrap();
+    let _ = std::fs::remove_file(&log_file);
+    assert!(logs.lines().count() > 10, "trace logs were written");
+    for line in logs.lines() {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    for needle in [
+        token,
+        secret,
+        "old-secret-77",
+        "pw-9c3e1a7b",
+        signature.as_str(),
+    ] {
+        assert!(!logs.contains(needle), "{needle} leaked into the logs");
+    }
+}
