@@ -39,10 +39,9 @@ pub async fn append(
     delivery: NewDelivery<'_>,
     dedup_window: Duration,
 ) -> Result<Appended> {
-    let mut tx = pool.begin().await?;
-    let appended = append_in(&mut tx, delivery, dedup_window).await?;
-    tx.commit().await?;
-    Ok(appended)
+    // A single statement is a transaction of its own: committed when it returns.
+    let mut conn = pool.acquire().await?;
+    append_in(&mut conn, delivery, dedup_window).await
 }
 
 /// Appends one delivery inside the caller's transaction; durable only once the caller commits.
@@ -56,51 +55,24 @@ pub async fn append_in(
     dedup_window: Duration,
 ) -> Result<Appended> {
     let sha256 = Sha256::digest(delivery.body).to_vec();
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(APPEND_LOCK)
-        .execute(&mut *conn)
-        .await?;
-    let original: Option<i64> = sqlx::query_scalar(
-        "SELECT position FROM events
-         WHERE body_sha256 = $1 AND received_at > clock_timestamp() - make_interval(secs => $2)
-         ORDER BY position DESC LIMIT 1",
+    // migrations/V5__append_function.sql: lock, dedup lookup, insert, in one round trip.
+    let (position, duplicate): (i64, bool) = sqlx::query_as(
+        "SELECT appended_position, is_duplicate
+         FROM append_event($1, $2, $3, $4, $5, $6, $7, make_interval(secs => $8))",
     )
-    .bind(&sha256)
-    .bind(dedup_window.as_secs_f64())
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(position) = original {
-        sqlx::query("INSERT INTO redeliveries (position, received_at, signature) VALUES ($1, clock_timestamp(), $2)")
-            .bind(position)
-            .bind(delivery.signature)
-            .execute(&mut *conn)
-            .await?;
-        return Ok(Appended {
-            position,
-            duplicate: true,
-        });
-    }
-    // Under the lock, head + 1 is free and every lower position is already visible. received_at
-    // never goes back along the log, so "received at or before T" is always a prefix of it.
-    let position: i64 = sqlx::query_scalar(
-        "WITH head AS (SELECT position, received_at FROM events ORDER BY position DESC LIMIT 1)
-         INSERT INTO events (position, received_at, event, account_id, user_id, body, body_sha256, payload, signature)
-         SELECT coalesce((SELECT position FROM head), 0) + 1,
-                greatest(clock_timestamp(), (SELECT received_at FROM head)),
-                $1, $2, $3, $4, $5, convert_from($4, 'UTF8')::jsonb, $6
-         RETURNING position",
-    )
+    .bind(APPEND_LOCK)
     .bind(&delivery.envelope.event)
     .bind(delivery.envelope.account)
     .bind(delivery.envelope.user)
     .bind(delivery.body)
     .bind(&sha256)
     .bind(delivery.signature)
+    .bind(dedup_window.as_secs_f64())
     .fetch_one(&mut *conn)
     .await?;
     Ok(Appended {
         position,
-        duplicate: false,
+        duplicate,
     })
 }
 
