@@ -267,7 +267,9 @@ async fn a_long_mixed_workload_matches_an_independent_oracle_exactly() {
     let projected = started.elapsed();
 
     // Ground truth: each distinct body is one event; exactly one of its deliveries is new.
-    let mut by_body: HashMap<Vec<u8>, (Sent, Vec<(i64, bool)>)> = HashMap::new();
+    // For each distinct body: what was sent, and each delivery's (position, duplicate) answer.
+    type Answers = Vec<(i64, bool)>;
+    let mut by_body: HashMap<Vec<u8>, (Sent, Answers)> = HashMap::new();
     for (sent, position, duplicate) in responses {
         by_body
             .entry(sent.body.clone())
