@@ -364,3 +364,72 @@ async fn secrets_and_tokens_never_reach_the_logs() {
         assert!(!logs.contains(needle), "{needle} leaked into the logs");
     }
 }
+
+#[tokio::test]
+async fn the_service_runs_with_the_least_privilege_role_which_cannot_change_the_log() {
+    let database_url = migrated_database().await;
+    let admin = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let role = format!("ap_service_{}", Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let grants =
+        std::fs::read_to_string(fixtures_dir().join("../../deploy/service-role.sql")).unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(
+        grants.replace("account_projector_service", &role),
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let as_service = database_url.replacen("postgres@", &format!("{role}@"), 1);
+
+    let mut settings = test_settings().await;
+    settings.database_url = as_service.clone();
+    settings.migrate = false;
+    let app = spawn_app_with(settings).await;
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    for (_, body) in fixture_sequence() {
+        app.deliver(&body).await;
+    }
+    app.deliver(&fixture("01_accounts.added.json")).await;
+    app.wait_for_projection().await;
+    assert_eq!(app.account_view(ACCOUNT).await["status"], "removed");
+    for args in [&["rebuild"][..], &["rebuild", "--verify"], &["export"]] {
+        let (code, _, err) = run_binary(&as_service, args, &[]).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+
+    let service = sqlx::PgPool::connect(&as_service).await.unwrap();
+    for statement in [
+        "UPDATE events SET event = 'x'",
+        "DELETE FROM events",
+        "TRUNCATE events CASCADE",
+        "UPDATE redeliveries SET signature = 'x'",
+        "DELETE FROM redeliveries",
+    ] {
+        let error = sqlx::query(statement)
+            .execute(&service)
+            .await
+            .expect_err(statement);
+        let code = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.to_string());
+        assert_eq!(
+            code.as_deref(),
+            Some("42501"),
+            "{statement}: permission denied, got {error}"
+        );
+    }
+    app.stop().await;
+    service.close().await;
+    let drop = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';
+         DROP OWNED BY {role}; DROP ROLE {role};"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+        .execute(&admin)
+        .await
+        .unwrap();
+}

@@ -16,7 +16,6 @@ use std::time::Instant;
 use chrono::{DateTime, Duration as Span, Utc};
 use futures_util::StreamExt;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -207,10 +206,10 @@ async fn a_long_mixed_workload_matches_an_independent_oracle_exactly() {
         .unwrap_or(20261126);
     let mut rng = StdRng::seed_from_u64(seed);
 
-    // Generate lives until the deliveries (with ~10% redeliveries) reach the target.
+    // Generate lives until their events alone reach the target; redeliveries come on top.
     let mut queues: Vec<Vec<Sent>> = vec![];
     let mut planned = 0usize;
-    while planned * 11 / 10 < target {
+    while planned < target {
         let life = life(&mut rng, Uuid::new_v4(), Uuid::new_v4());
         planned += life.len();
         queues.push(life);
@@ -243,7 +242,6 @@ async fn a_long_mixed_workload_matches_an_independent_oracle_exactly() {
             order.push(again);
         }
     }
-    order.shuffle(&mut StdRng::seed_from_u64(seed ^ 1)); // plus arbitrary reordering across accounts
     let deliveries = order.len();
     assert!(deliveries >= target, "{deliveries} deliveries planned");
 
