@@ -16,7 +16,7 @@ GRANT USAGE ON SCHEMA public TO account_projector_service;
 -- The event log: append and read only.
 GRANT SELECT, INSERT ON events, redeliveries TO account_projector_service;
 REVOKE UPDATE, DELETE, TRUNCATE ON events, redeliveries FROM account_projector_service;
-GRANT EXECUTE ON FUNCTION append_event(bigint, text, uuid, uuid, bytea, bytea, text, interval)
+GRANT EXECUTE ON FUNCTION append_events(bigint, text[], uuid[], uuid[], bytea[], bytea[], text[], interval)
     TO account_projector_service;
 
 -- The projection, which the projector and `rebuild` rewrite.

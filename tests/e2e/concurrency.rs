@@ -77,29 +77,18 @@ async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
 
     // Transaction one appends position 1 and does not commit yet.
     let mut first = pool.begin().await.unwrap();
-    let delivery = store::log::NewDelivery {
-        body: &a,
-        signature: None,
-        envelope: &ea,
-    };
-    assert_eq!(
-        store::log::append_in(&mut first, delivery, window)
-            .await
-            .unwrap()
-            .position,
-        1
-    );
+    let delivery = store::log::Delivery::new(&a, None, &ea);
+    let appended = store::log::append_in(&mut first, &[delivery], window)
+        .await
+        .unwrap();
+    assert_eq!(appended[0].position, 1);
 
     // A second append starts meanwhile.
     let second = tokio::spawn({
         let pool = pool.clone();
         async move {
-            let delivery = store::log::NewDelivery {
-                body: &b,
-                signature: None,
-                envelope: &eb,
-            };
-            store::log::append(&pool, delivery, window)
+            let delivery = store::log::Delivery::new(&b, None, &eb);
+            store::log::append(&pool, &delivery, window)
                 .await
                 .unwrap()
                 .position

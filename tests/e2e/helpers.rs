@@ -313,12 +313,8 @@ pub async fn stored_snapshots(pool: &PgPool) -> BTreeMap<Uuid, AccountSnapshot> 
 /// Appends a signed-and-verified-elsewhere body straight into the log (no HTTP), for bulk setup.
 pub async fn append_direct(pool: &PgPool, body: &[u8]) -> i64 {
     let envelope = domain::Envelope::parse(body).unwrap();
-    let delivery = store::log::NewDelivery {
-        body,
-        signature: None,
-        envelope: &envelope,
-    };
-    store::log::append(pool, delivery, Duration::from_secs(86_400))
+    let delivery = store::log::Delivery::new(body, None, &envelope);
+    store::log::append(pool, &delivery, Duration::from_secs(86_400))
         .await
         .unwrap()
         .position

@@ -68,6 +68,8 @@ pub struct Settings {
     pub allow_unsigned_webhooks: bool,
     pub api_tokens: Vec<String>,
     pub dedup_window: Duration,
+    /// Most deliveries one commit may carry (group commit).
+    pub max_commit_batch: usize,
     pub max_body_bytes: usize,
     /// Longest time one HTTP request may take, slow clients included.
     pub request_timeout: Duration,
@@ -93,6 +95,7 @@ impl Settings {
             allow_unsigned_webhooks: false,
             api_tokens: vec![],
             dedup_window: Duration::from_secs(24 * 3600),
+            max_commit_batch: 256,
             max_body_bytes: 1_048_576,
             request_timeout: Duration::from_secs(30),
             database_timeout: Duration::from_secs(5),
@@ -158,9 +161,12 @@ impl Application {
         let mut router = api::health_router(pool.clone());
         if role.ingests() {
             router = router.merge(ingest::router(IngestState {
-                pool: pool.clone(),
+                committer: ingest::Committer::start(
+                    pool.clone(),
+                    settings.dedup_window,
+                    settings.max_commit_batch,
+                ),
                 secrets,
-                dedup_window: settings.dedup_window,
                 max_body_bytes: settings.max_body_bytes,
                 database_timeout: settings.database_timeout,
             }));

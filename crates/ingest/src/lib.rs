@@ -22,8 +22,11 @@ use axum::{Json, Router};
 use domain::{Envelope, EnvelopeError};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha512;
-use store::PgPool;
-use store::log::NewDelivery;
+use store::log::Delivery;
+
+pub mod committer;
+
+pub use committer::{AppendError, Committer};
 
 /// Header carrying the lowercase hex HMAC-SHA512 of the raw body.
 pub const SIGNATURE_HEADER: &str = "x-argyle-signature";
@@ -80,10 +83,9 @@ impl Secrets {
 /// What the ingest route needs.
 #[derive(Clone, Debug)]
 pub struct IngestState {
-    pub pool: PgPool,
+    /// Appends deliveries, sharing commits between concurrent requests.
+    pub committer: Committer,
     pub secrets: Secrets,
-    /// An identical body received again within this window is the same event.
-    pub dedup_window: Duration,
     /// Larger bodies are refused with 413 without being read whole.
     pub max_body_bytes: usize,
     /// An append that takes longer is answered 503: the database is unreachable or stuck. Postgres's
@@ -158,18 +160,18 @@ async fn receive(
         }
     })?;
     let signature = signature.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let delivery = NewDelivery {
-        body: &body,
-        signature: signature.as_deref(),
-        envelope: &envelope,
-    };
-    let append = store::log::append(&state.pool, delivery, state.dedup_window);
-    let appended = tokio::time::timeout(state.database_timeout, append)
-        .await
-        .map_err(|_| {
+    let delivery = Delivery::new(&body, signature.as_deref(), &envelope);
+    let append = state.committer.append(delivery);
+    let appended = match tokio::time::timeout(state.database_timeout, append).await {
+        Ok(Ok(appended)) => appended,
+        Ok(Err(AppendError::Unavailable)) => return Err(Problem::unavailable()),
+        Ok(Err(AppendError::Failed)) => return Err(Problem::internal()),
+        Err(_) => {
+            // It may still commit; Argyle's retry will then be recognised as a redelivery.
             tracing::warn!(timeout = ?state.database_timeout, "append timed out");
-            Problem::unavailable()
-        })??;
+            return Err(Problem::unavailable());
+        }
+    };
     let span = tracing::Span::current();
     span.record("position", appended.position);
     span.record("duplicate", appended.duplicate);

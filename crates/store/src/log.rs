@@ -15,12 +15,27 @@ use crate::Result;
 /// the log gap-safe.
 pub const APPEND_LOCK: i64 = 0x4150_4c4f_4721; // "APLOG!"
 
-/// A delivery about to be appended: the raw body, its signature header, and the parsed envelope.
-#[derive(Debug, Clone, Copy)]
-pub struct NewDelivery<'a> {
-    pub body: &'a [u8],
-    pub signature: Option<&'a str>,
-    pub envelope: &'a Envelope,
+/// A delivery about to be appended: the raw body, its signature header, and what its envelope says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub body: Vec<u8>,
+    pub signature: Option<String>,
+    pub event: String,
+    pub account_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+}
+
+impl Delivery {
+    /// A delivery of `body`, whose parsed envelope is `envelope`.
+    pub fn new(body: &[u8], signature: Option<&str>, envelope: &Envelope) -> Self {
+        Self {
+            body: body.to_vec(),
+            signature: signature.map(str::to_owned),
+            event: envelope.event.clone(),
+            account_id: envelope.account,
+            user_id: envelope.user,
+        }
+    }
 }
 
 /// Where a delivery landed.
@@ -32,48 +47,64 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-/// Appends one delivery in its own transaction and commits it: when this returns `Ok`, the delivery
-/// is durable.
+/// Appends one delivery as a transaction of its own (a single statement): when this returns `Ok`,
+/// the delivery is committed and durable.
 pub async fn append(
     pool: &PgPool,
-    delivery: NewDelivery<'_>,
+    delivery: &Delivery,
     dedup_window: Duration,
 ) -> Result<Appended> {
-    // A single statement is a transaction of its own: committed when it returns.
     let mut conn = pool.acquire().await?;
-    append_in(&mut conn, delivery, dedup_window).await
+    let appended = append_in(&mut conn, std::slice::from_ref(delivery), dedup_window).await?;
+    Ok(appended[0])
 }
 
-/// Appends one delivery inside the caller's transaction; durable only once the caller commits.
+/// Appends deliveries, in order, inside the caller's transaction (or as one transaction if the
+/// connection has none); durable once that commits. One answer per delivery, in order.
 ///
 /// Takes [`APPEND_LOCK`] until the transaction ends. A body identical (sha256) to an event received
-/// less than `dedup_window` ago is recorded as another delivery of that event, not as a new one.
-#[tracing::instrument(skip_all, fields(event = %delivery.envelope.event))]
+/// less than `dedup_window` ago, earlier deliveries of the same call included, is recorded as
+/// another delivery of that event, not as a new one.
+#[tracing::instrument(skip_all, fields(deliveries = deliveries.len()))]
 pub async fn append_in(
     conn: &mut PgConnection,
-    delivery: NewDelivery<'_>,
+    deliveries: &[Delivery],
     dedup_window: Duration,
-) -> Result<Appended> {
-    let sha256 = Sha256::digest(delivery.body).to_vec();
-    // migrations/V5__append_function.sql: lock, dedup lookup, insert, in one round trip.
-    let (position, duplicate): (i64, bool) = sqlx::query_as(
+) -> Result<Vec<Appended>> {
+    if deliveries.is_empty() {
+        return Ok(vec![]);
+    }
+    let events: Vec<&str> = deliveries.iter().map(|d| d.event.as_str()).collect();
+    let accounts: Vec<Option<Uuid>> = deliveries.iter().map(|d| d.account_id).collect();
+    let users: Vec<Option<Uuid>> = deliveries.iter().map(|d| d.user_id).collect();
+    let bodies: Vec<&[u8]> = deliveries.iter().map(|d| d.body.as_slice()).collect();
+    let sha256s: Vec<Vec<u8>> = deliveries
+        .iter()
+        .map(|d| Sha256::digest(&d.body).to_vec())
+        .collect();
+    let signatures: Vec<Option<&str>> = deliveries.iter().map(|d| d.signature.as_deref()).collect();
+    // migrations/V5__append_function.sql: lock, dedup lookups, inserts, in one round trip.
+    let rows: Vec<(i64, bool)> = sqlx::query_as(
         "SELECT appended_position, is_duplicate
-         FROM append_event($1, $2, $3, $4, $5, $6, $7, make_interval(secs => $8))",
+         FROM append_events($1, $2, $3, $4, $5, $6, $7, make_interval(secs => $8))",
     )
     .bind(APPEND_LOCK)
-    .bind(&delivery.envelope.event)
-    .bind(delivery.envelope.account)
-    .bind(delivery.envelope.user)
-    .bind(delivery.body)
-    .bind(&sha256)
-    .bind(delivery.signature)
+    .bind(events)
+    .bind(accounts)
+    .bind(users)
+    .bind(bodies)
+    .bind(sha256s)
+    .bind(signatures)
     .bind(dedup_window.as_secs_f64())
-    .fetch_one(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(Appended {
-        position,
-        duplicate,
-    })
+    Ok(rows
+        .into_iter()
+        .map(|(position, duplicate)| Appended {
+            position,
+            duplicate,
+        })
+        .collect())
 }
 
 /// One event as stored, with the raw body the fold parses.
