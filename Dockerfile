@@ -10,15 +10,20 @@ COPY crates/ingest/Cargo.toml crates/ingest/
 COPY crates/projector/Cargo.toml crates/projector/
 COPY crates/api/Cargo.toml crates/api/
 COPY crates/account-projector/Cargo.toml crates/account-projector/
-RUN for crate in domain store ingest projector api account-projector; do \
+COPY crates/loadgen/Cargo.toml crates/loadgen/
+RUN for crate in domain store ingest projector api account-projector loadgen; do \
         mkdir -p crates/$crate/src && echo "" > crates/$crate/src/lib.rs; \
     done \
     && echo "fn main() {}" > crates/account-projector/src/main.rs \
+    && echo "fn main() {}" > crates/loadgen/src/main.rs \
+    && mkdir -p crates/loadgen/src/bin && echo "fn main() {}" > crates/loadgen/src/bin/bench.rs \
+    && mkdir -p tests/soak && echo "" > tests/soak/main.rs \
     && mkdir -p migrations tests/e2e && echo "" > tests/e2e/main.rs \
     && cargo build --release --locked -p account-projector \
     && rm -rf crates/*/src target/release/.fingerprint/domain-* target/release/.fingerprint/store-* \
        target/release/.fingerprint/ingest-* target/release/.fingerprint/projector-* \
-       target/release/.fingerprint/api-* target/release/.fingerprint/account-projector-*
+       target/release/.fingerprint/api-* target/release/.fingerprint/account-projector-* \
+       target/release/.fingerprint/loadgen-*
 COPY crates crates
 COPY migrations migrations
 RUN cargo build --release --locked -p account-projector --bin account-projector

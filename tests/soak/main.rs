@@ -13,123 +13,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::{DateTime, Duration as Span, Utc};
+use chrono::DateTime;
 use futures_util::StreamExt;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use loadgen::{Delivery, Workload, generate};
+use serde_json::Value;
 use uuid::Uuid;
 
 use helpers::*;
-
-/// What the generator meant by one event.
-#[derive(Clone)]
-struct Sent {
-    account: Uuid,
-    user: Uuid,
-    event: &'static str,
-    resource: Option<Value>,
-    body: Vec<u8>,
-}
-
-fn resource(account: Uuid, user: Uuid, at: DateTime<Utc>, status: &str, step: u32) -> Value {
-    json!({
-        "id": account, "user": user, "employers": ["Soak Co"], "item": "item_000000001",
-        "source": "argyle_sandbox", "created_at": "2026-03-02T15:04:11.120455Z",
-        "updated_at": at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        "connection": {"status": status, "error_code": null, "error_message": null},
-        "availability": {"paystubs": {"status": "in_progress", "available_count": step}},
-        "step": step
-    })
-}
-
-fn body(event: &str, account: Uuid, user: Uuid, resource: Option<&Value>) -> Vec<u8> {
-    let mut data = json!({"account": account, "user": user});
-    if let Some(resource) = resource {
-        data["resource"] = resource.clone();
-    }
-    serde_json::to_vec_pretty(&json!({"event": event, "name": "soak", "data": data})).unwrap()
-}
-
-/// One account's life in true order: a first-connection burst, maybe a failure, re-scans,
-/// resource-less updates, other families, maybe a removal.
-fn life(rng: &mut StdRng, account: Uuid, user: Uuid) -> Vec<Sent> {
-    let mut at: DateTime<Utc> = "2026-03-02T15:04:11Z".parse().unwrap();
-    let mut events = vec![];
-    let push = |events: &mut Vec<Sent>, event: &'static str, resource: Option<Value>| {
-        let body = body(event, account, user, resource.as_ref());
-        events.push(Sent {
-            account,
-            user,
-            event,
-            resource,
-            body,
-        });
-    };
-    let mut step = 0;
-    let mut tick = |rng: &mut StdRng| {
-        at += Span::milliseconds(rng.random_range(1..5000));
-        step += 1;
-        (at, step)
-    };
-    let (t, s) = tick(rng);
-    push(
-        &mut events,
-        "accounts.added",
-        Some(resource(account, user, t, "connecting", s)),
-    );
-    let (t, s) = tick(rng);
-    push(
-        &mut events,
-        "accounts.connected",
-        Some(resource(account, user, t, "connected", s)),
-    );
-    for _ in 0..rng.random_range(10..30) {
-        let (t, s) = tick(rng);
-        push(
-            &mut events,
-            "accounts.updated",
-            Some(resource(account, user, t, "connected", s)),
-        );
-        if rng.random_bool(0.05) {
-            push(&mut events, "accounts.updated", None);
-        }
-        if rng.random_bool(0.05) {
-            let paystubs = serde_json::to_vec_pretty(
-                &json!({"event": "paystubs.partially_synced", "name": "soak",
-                "data": {"account": account, "user": user, "available_count": s}}),
-            )
-            .unwrap();
-            events.push(Sent {
-                account,
-                user,
-                event: "paystubs.partially_synced",
-                resource: None,
-                body: paystubs,
-            });
-        }
-    }
-    if rng.random_bool(0.1) {
-        let (t, s) = tick(rng);
-        push(
-            &mut events,
-            "accounts.failed",
-            Some(resource(account, user, t, "error", s)),
-        );
-    }
-    if rng.random_bool(0.1) {
-        push(&mut events, "accounts.removed", None);
-        if rng.random_bool(0.5) {
-            let (t, s) = tick(rng);
-            push(
-                &mut events,
-                "accounts.updated",
-                Some(resource(account, user, t, "connected", s)),
-            );
-        }
-    }
-    events
-}
 
 /// The expected snapshot facts of one account, folded from its acknowledged events in log order.
 /// Written from the contract, independently of the service's fold.
@@ -144,7 +34,7 @@ struct Expected {
     last_event: String,
 }
 
-fn oracle(mut events: Vec<(i64, Sent)>) -> Expected {
+fn oracle(mut events: Vec<(i64, Delivery)>) -> Expected {
     events.sort_by_key(|(position, _)| *position);
     let stamp = |r: &Value| {
         r["updated_at"]
@@ -204,52 +94,24 @@ async fn a_long_mixed_workload_matches_an_independent_oracle_exactly() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20261126);
-    let mut rng = StdRng::seed_from_u64(seed);
-
-    // Generate lives until their events alone reach the target; redeliveries come on top.
-    let mut queues: Vec<Vec<Sent>> = vec![];
-    let mut planned = 0usize;
-    while planned < target {
-        let life = life(&mut rng, Uuid::new_v4(), Uuid::new_v4());
-        planned += life.len();
-        queues.push(life);
-    }
-    // ~20% out of order: swap neighbours within an account's life.
-    let mut swapped = 0;
-    for life in &mut queues {
-        for i in 1..life.len() {
-            if rng.random_bool(0.2) {
-                life.swap(i - 1, i);
-                swapped += 1;
-            }
-        }
-    }
-    // Interleave accounts, then add redeliveries of bodies already sent.
-    let mut cursors: Vec<(usize, usize)> = (0..queues.len()).map(|i| (i, 0)).collect();
-    let mut order: Vec<Sent> = Vec::with_capacity(target);
-    while !cursors.is_empty() {
-        let pick = rng.random_range(0..cursors.len().min(64));
-        let (life, next) = cursors[pick];
-        order.push(queues[life][next].clone());
-        if next + 1 == queues[life].len() {
-            cursors.swap_remove(pick);
-        } else {
-            cursors[pick].1 += 1;
-        }
-        if rng.random_bool(0.1) {
-            let again =
-                order[rng.random_range(order.len().saturating_sub(2000)..order.len())].clone();
-            order.push(again);
-        }
+    // Generate lives (with ~10% redeliveries and ~20% neighbours swapped) until the target is met.
+    let mut workload = Workload {
+        accounts: target / 25 + 1,
+        seed,
+        ..Workload::default()
+    };
+    let mut order = generate(&workload);
+    while order.len() < target {
+        workload.accounts += workload.accounts / 10 + 1;
+        order = generate(&workload);
     }
     let deliveries = order.len();
-    assert!(deliveries >= target, "{deliveries} deliveries planned");
 
     let mut settings = test_settings().await;
     settings.db.max_connections = 24;
     let app = Arc::new(spawn_app_with(settings).await);
     let started = Instant::now();
-    let responses: Vec<(Sent, i64, bool)> = futures_util::stream::iter(order)
+    let responses: Vec<(Delivery, i64, bool)> = futures_util::stream::iter(order)
         .map(|sent| {
             let app = app.clone();
             async move {
@@ -267,7 +129,7 @@ async fn a_long_mixed_workload_matches_an_independent_oracle_exactly() {
     // Ground truth: each distinct body is one event; exactly one of its deliveries is new.
     // For each distinct body: what was sent, and each delivery's (position, duplicate) answer.
     type Answers = Vec<(i64, bool)>;
-    let mut by_body: HashMap<Vec<u8>, (Sent, Answers)> = HashMap::new();
+    let mut by_body: HashMap<Vec<u8>, (Delivery, Answers)> = HashMap::new();
     for (sent, position, duplicate) in responses {
         by_body
             .entry(sent.body.clone())
@@ -275,7 +137,7 @@ async fn a_long_mixed_workload_matches_an_independent_oracle_exactly() {
             .1
             .push((position, duplicate));
     }
-    let mut per_account: BTreeMap<Uuid, Vec<(i64, Sent)>> = BTreeMap::new();
+    let mut per_account: BTreeMap<Uuid, Vec<(i64, Delivery)>> = BTreeMap::new();
     let mut redeliveries = 0;
     for (sent, answers) in by_body.into_values() {
         let position = answers[0].0;
@@ -323,7 +185,7 @@ async fn a_long_mixed_workload_matches_an_independent_oracle_exactly() {
         }
     }
     eprintln!(
-        "soak: {deliveries} deliveries ({redeliveries} redeliveries, {swapped} swapped neighbours) over {} accounts, \
+        "soak: {deliveries} deliveries ({redeliveries} redeliveries) over {} accounts, \
          {events} events; ingest {:.1} s ({:.0} deliveries/s, 16 connections); projected {:.1} s after start; \
          {differences} differences",
         snapshots.len(),

@@ -203,3 +203,9 @@ pub async fn begin_shared_read<'c>(
     .await?;
     Ok(tx)
 }
+
+/// Refreshes the planner's statistics of the log (after a bulk load).
+pub async fn analyze(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("ANALYZE events").execute(conn).await?;
+    Ok(())
+}

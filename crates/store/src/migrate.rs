@@ -102,3 +102,26 @@ async fn create_database_if_missing(database_url: &str) -> Result<bool> {
     }
     Ok(created)
 }
+
+/// Drops the database named in `database_url`, if it exists (benchmarks start from nothing).
+pub async fn drop_database(database_url: &str) -> Result<()> {
+    let target = connect_options(database_url)?;
+    let Some(name) = target.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut maintenance = target.database("postgres").connect().await?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"
+    )))
+    .execute(&mut maintenance)
+    .await?;
+    Ok(())
+}
+
+/// The server's version string.
+pub async fn server_version(pool: &sqlx::PgPool) -> Result<String> {
+    Ok(sqlx::query_scalar("SELECT version()")
+        .fetch_one(pool)
+        .await?)
+}

@@ -292,3 +292,27 @@ pub async fn unlock_rebuild(conn: &mut PgConnection) -> Result<()> {
         .await?;
     Ok(())
 }
+
+/// Tells when a projection's checkpoint advances (LISTEN `checkpoint_advanced`, sent by a trigger
+/// when the batch commits).
+pub struct CheckpointNotifications(sqlx::postgres::PgListener);
+
+impl CheckpointNotifications {
+    pub async fn subscribe(pool: &sqlx::PgPool) -> Result<Self> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen("checkpoint_advanced").await?;
+        Ok(Self(listener))
+    }
+
+    /// Waits for the next advance; returns the projection's name and its new checkpoint.
+    pub async fn next(&mut self) -> Result<(String, i64)> {
+        loop {
+            let notification = self.0.recv().await?;
+            if let Some((name, position)) = notification.payload().rsplit_once(' ')
+                && let Ok(position) = position.parse()
+            {
+                return Ok((name.to_owned(), position));
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+INSERT INTO bench_insert (body) SELECT body FROM bench_payload;

@@ -1,0 +1,2 @@
+\set id random(1, 10000)
+SELECT body FROM bench_select WHERE id = :id;

@@ -1,0 +1,560 @@
+//! `bench`: the one-run benchmark. On fresh databases, measures Postgres's own ceiling (pgbench, same
+//! payload, same concurrency) and then the service against it, and prints a table ready for
+//! BENCHMARKS.md (also written to `target/bench-report.md`).
+//!
+//! Run from the repository root after `cargo build --release`: `./target/release/bench`.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use loadgen::{Report, Sending, Workload, drive, generate, send};
+use uuid::Uuid;
+
+const SECRET: &str = "bench_webhook_secret";
+
+/// The one-run benchmark of account-projector against Postgres's own ceiling on this machine.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Postgres server (any database on it); the benchmark creates and drops its own databases.
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// The service binary to run.
+    #[arg(long, default_value = "target/release/account-projector")]
+    server: String,
+    /// Concurrency of the throughput runs (pgbench clients, HTTP connections).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Length of each timed run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Events in the log for the rebuild run.
+    #[arg(long, default_value_t = 1_000_000)]
+    rebuild_events: usize,
+    /// Accounts those events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    rebuild_accounts: usize,
+}
+
+struct Row {
+    measure: String,
+    value: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+}
+
+fn row(measure: &str, value: String, baseline: &str, ratio: Option<f64>, target: &str) -> Row {
+    Row {
+        measure: measure.into(),
+        value,
+        baseline: baseline.into(),
+        ratio: ratio
+            .map(|r| format!("{r:.2}×"))
+            .unwrap_or_else(|| "–".into()),
+        target: target.into(),
+    }
+}
+
+fn url_for(base: &str, database: &str) -> String {
+    let (prefix, _) = base.rsplit_once('/').expect("the URL names a database");
+    format!("{prefix}/{database}")
+}
+
+fn pgbench(url: &str, script: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+    let output = Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+            script,
+            url,
+        ])
+        .output()
+        .context("pgbench must be installed (Debian: postgresql-contrib or postgresql-client)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| {
+            l.trim_start_matches("tps = ")
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+    tps.with_context(|| {
+        format!(
+            "pgbench printed no tps: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+async fn wait_ready(base: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(response) = reqwest::get(format!("{base}/readyz")).await
+            && response.status() == 200
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the service did not become ready")
+}
+
+async fn wait_projected(pool: &store::PgPool) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    let head = store::log::head(&mut conn).await?;
+    while store::snapshots::checkpoint(&mut conn, store::snapshots::CHECKPOINT).await? < head {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Appends `bodies` straight into the log through the store, in batches (for setting up data).
+async fn append_bodies(
+    pool: &store::PgPool,
+    bodies: impl Iterator<Item = Vec<u8>>,
+) -> anyhow::Result<usize> {
+    let mut batch = Vec::with_capacity(1000);
+    let mut count = 0;
+    let mut conn = pool.acquire().await?;
+    for body in bodies {
+        let envelope = domain::Envelope::parse(&body)?;
+        batch.push(store::log::Delivery::new(&body, None, &envelope));
+        if batch.len() == 1000 {
+            count += store::log::append_in(&mut conn, &batch, Duration::from_secs(86_400))
+                .await?
+                .len();
+            batch.clear();
+        }
+    }
+    count += store::log::append_in(&mut conn, &batch, Duration::from_secs(86_400))
+        .await?
+        .len();
+    Ok(count)
+}
+
+fn refinements(account: Uuid, user: Uuid, count: usize) -> impl Iterator<Item = Vec<u8>> {
+    (0..count).map(move |step| {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-03-02T15:04:11Z").unwrap() + chrono::Duration::milliseconds(step as i64);
+        let resource = serde_json::json!({"id": account, "user": user, "updated_at": at.to_rfc3339(),
+            "connection": {"status": "connected"}, "step": step, "pad": "x".repeat(1800)});
+        loadgen::body("accounts.updated", account, user, Some(&resource))
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (c, s) = (args.connections, args.seconds);
+    let mut rows = vec![];
+    let admin = store::pool(&args.database_url, &store::DbOptions::default())?;
+    let version = store::migrate::server_version(&admin).await?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let payload = std::fs::read("tests/fixtures/argyle/05_accounts.updated.json")
+        .context("run from the repository root")?;
+    eprintln!("bench: {cores} cores; {version}");
+
+    // 1. Postgres's own ceiling with the same payload and concurrency.
+    let baseline_db = url_for(&args.database_url, "account_projector_bench_baseline");
+    store::migrate::drop_database(&baseline_db).await?;
+    store::migrate::migrate(&baseline_db).await?;
+    let setup = Command::new("psql")
+        .args([
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            &format!("body={}", String::from_utf8_lossy(&payload)),
+            "-f",
+            "benches/pgbench/setup.sql",
+            &baseline_db,
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(setup.success(), "baseline setup failed");
+    let insert_tps = pgbench(&baseline_db, "benches/pgbench/insert.sql", c, s)?;
+    let insert_tps_1 = pgbench(&baseline_db, "benches/pgbench/insert.sql", 1, s.min(5))?;
+    let select_tps = pgbench(&baseline_db, "benches/pgbench/select.sql", c, s)?;
+    eprintln!(
+        "bench: pgbench insert {insert_tps:.0}/s ({c} clients), {insert_tps_1:.0}/s (1 client); select {select_tps:.0}/s"
+    );
+    rows.push(row(
+        &format!(
+            "pgbench single-row INSERT, {} B payload, {c} clients",
+            payload.len()
+        ),
+        format!("{insert_tps:.0}/s"),
+        "",
+        None,
+        "",
+    ));
+    rows.push(row(
+        "pgbench single-row INSERT, 1 client",
+        format!("{insert_tps_1:.0}/s"),
+        "",
+        None,
+        "",
+    ));
+    rows.push(row(
+        &format!("pgbench SELECT by primary key, {c} clients"),
+        format!("{select_tps:.0}/s"),
+        "",
+        None,
+        "",
+    ));
+    store::migrate::drop_database(&baseline_db).await?;
+
+    // 2. The service, in its own process, on a fresh database.
+    let service_db = url_for(&args.database_url, "account_projector_bench");
+    store::migrate::drop_database(&service_db).await?;
+    store::migrate::migrate(&service_db).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = Command::new(&args.server)
+        .args(["serve", "--no-migrate"])
+        .env("DATABASE_URL", &service_db)
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("ARGYLE_WEBHOOK_SECRETS", SECRET)
+        .env("DATABASE_MAX_CONNECTIONS", "32")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "could not start {} (cargo build --release first)",
+                args.server
+            )
+        })?;
+    let result = async {
+        wait_ready(&base).await?;
+        let pool = store::pool(&service_db, &store::DbOptions::default())?;
+        let sending = |rate| Sending {
+            url: base.clone(),
+            secret: SECRET.into(),
+            connections: c,
+            rate,
+        };
+
+        // Ingest flat out.
+        let workload = Workload {
+            accounts: 60 * s as usize,
+            seed: 1,
+            ..Workload::default()
+        };
+        let deliveries = Arc::new(generate(&workload));
+        let flat = send(deliveries.clone(), &sending(None)).await;
+        eprintln!("bench: ingest flat out: {}", flat.summary());
+        anyhow::ensure!(
+            flat.statuses.keys().all(|s| *s == 200),
+            "ingest answered {:?}",
+            flat.statuses
+        );
+        loadgen::verify(&base, None, &deliveries, &flat.acks).await?;
+        rows.push(row(
+            &format!("ingest: signed webhooks/s over HTTP, 200 after commit, {c} connections"),
+            format!(
+                "{:.0}/s (p99 {:.1} ms)",
+                flat.throughput(),
+                flat.latency_ms(0.99)
+            ),
+            &format!("{insert_tps:.0}/s"),
+            Some(flat.throughput() / insert_tps),
+            "≥ 1.5×",
+        ));
+
+        // Ingest at a fixed 2,000/s.
+        let steady = Workload {
+            accounts: (2000 * s as usize) / 27 + 1,
+            seed: 2,
+            ..Workload::default()
+        };
+        let deliveries = Arc::new(
+            generate(&steady)
+                .into_iter()
+                .take(2000 * s as usize)
+                .collect::<Vec<_>>(),
+        );
+        let fixed = send(deliveries, &sending(Some(2000.0))).await;
+        eprintln!("bench: ingest at 2,000/s: {}", fixed.summary());
+        rows.push(row(
+            "ingest at 2,000/s: latency p50 / p99",
+            format!(
+                "{:.1} / {:.1} ms",
+                fixed.latency_ms(0.5),
+                fixed.latency_ms(0.99)
+            ),
+            "",
+            None,
+            "p99 < 20 ms",
+        ));
+        wait_projected(&pool).await?;
+
+        // Projection lag at a steady 1,000 events/s: from the 200 (commit) to the checkpoint
+        // notification that covers the event.
+        let mut notifications = store::snapshots::CheckpointNotifications::subscribe(&pool).await?;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<(Instant, i64)>::new()));
+        let recorder = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                while let Ok((_, position)) = notifications.next().await {
+                    seen.lock()
+                        .expect("no poison")
+                        .push((Instant::now(), position));
+                }
+            }
+        });
+        let lag_load = Workload {
+            accounts: (1000 * s as usize) / 27 + 1,
+            seed: 3,
+            duplicates: 0.0,
+            ..Workload::default()
+        };
+        let deliveries = Arc::new(
+            generate(&lag_load)
+                .into_iter()
+                .take(1000 * s as usize)
+                .collect::<Vec<_>>(),
+        );
+        let steady = send(deliveries, &sending(Some(1000.0))).await;
+        wait_projected(&pool).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        recorder.abort();
+        let seen = seen.lock().expect("no poison").clone();
+        let mut lag = hdrhistogram::Histogram::<u64>::new(3)?;
+        for ack in steady.acks.iter().filter(|a| !a.duplicate) {
+            if let Some((at, _)) = seen.iter().find(|(_, position)| *position >= ack.position) {
+                lag.record(at.saturating_duration_since(ack.at).as_micros().max(1) as u64)?;
+            }
+        }
+        let lag_ms = |q: f64| lag.value_at_quantile(q) as f64 / 1000.0;
+        eprintln!(
+            "bench: projection lag over {} events: p50 {:.1} ms, p99 {:.1} ms",
+            lag.len(),
+            lag_ms(0.5),
+            lag_ms(0.99)
+        );
+        rows.push(row(
+            "projection lag at 1,000 events/s (commit → snapshot visible): p50 / p99",
+            format!("{:.1} / {:.1} ms", lag_ms(0.5), lag_ms(0.99)),
+            "",
+            None,
+            "p99 < 50 ms",
+        ));
+
+        // Queries.
+        let accounts: Arc<Vec<Uuid>> = Arc::new(
+            generate(&workload)
+                .iter()
+                .map(|d| d.account)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        );
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(c)
+            .build()?;
+        let get = |count: usize, rate: Option<f64>| {
+            let (client, base, accounts) = (client.clone(), base.clone(), accounts.clone());
+            drive(count, c, rate, move |i| {
+                let (client, base, accounts) = (client.clone(), base.clone(), accounts.clone());
+                async move {
+                    let url = format!("{base}/v1/accounts/{}", accounts[i % accounts.len()]);
+                    match client.get(url).send().await {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let _ = response.bytes().await;
+                            (status, None)
+                        }
+                        Err(_) => (0, None),
+                    }
+                }
+            })
+        };
+        let flat: Report = get(select_tps as usize * s as usize / 2, None).await;
+        eprintln!("bench: GET flat out: {}", flat.summary());
+        let fixed: Report = get(1000 * s as usize, Some(1000.0)).await;
+        eprintln!("bench: GET at 1,000/s: {}", fixed.summary());
+        rows.push(row(
+            &format!("GET /v1/accounts/{{id}}, {c} connections"),
+            format!("{:.0}/s", flat.throughput()),
+            &format!("{select_tps:.0}/s"),
+            Some(flat.throughput() / select_tps),
+            "≥ 0.7×",
+        ));
+        rows.push(row(
+            "GET at 1,000/s: latency p50 / p99",
+            format!(
+                "{:.2} / {:.2} ms",
+                fixed.latency_ms(0.5),
+                fixed.latency_ms(0.99)
+            ),
+            "",
+            None,
+            "p99 < 5 ms",
+        ));
+
+        // Time travel over one account with 10,000 events.
+        let (account, user) = (Uuid::new_v4(), Uuid::new_v4());
+        append_bodies(&pool, refinements(account, user, 10_000)).await?;
+        wait_projected(&pool).await?;
+        let mut conn = pool.acquire().await?;
+        let head = store::log::head(&mut conn).await?;
+        drop(conn);
+        let mut times = vec![];
+        for _ in 0..20 {
+            let started = Instant::now();
+            let response = client
+                .get(format!("{base}/v1/accounts/{account}?at_position={head}"))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status() == 200,
+                "time travel answered {}",
+                response.status()
+            );
+            let _ = response.bytes().await?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        eprintln!(
+            "bench: time travel over 10,000 events: median {:.1} ms, max {:.1} ms",
+            times[10], times[19]
+        );
+        rows.push(row(
+            "time travel over an account with 10,000 events: median / max of 20",
+            format!("{:.1} / {:.1} ms", times[10], times[19]),
+            "",
+            None,
+            "< 100 ms",
+        ));
+
+        let rss = peak_rss_mb(server.id()).unwrap_or(f64::NAN);
+        rows.push(row(
+            "peak RSS of the server (all roles) over the runs above",
+            format!("{rss:.1} MB"),
+            "",
+            None,
+            "< 100 MB",
+        ));
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
+    result?;
+    store::migrate::drop_database(&service_db).await?;
+
+    // 3. Rebuild: the log of many accounts, refolded by `account-projector rebuild`.
+    let rebuild_db = url_for(&args.database_url, "account_projector_bench_rebuild");
+    store::migrate::drop_database(&rebuild_db).await?;
+    store::migrate::migrate(&rebuild_db).await?;
+    let pool = store::pool(
+        &rebuild_db,
+        &store::DbOptions {
+            statement_timeout: Duration::ZERO,
+            ..store::DbOptions::default()
+        },
+    )?;
+    let per_account = args.rebuild_events.div_ceil(args.rebuild_accounts);
+    let ids: Vec<(Uuid, Uuid)> = (0..args.rebuild_accounts)
+        .map(|_| (Uuid::new_v4(), Uuid::new_v4()))
+        .collect();
+    let started = Instant::now();
+    // Interleave accounts as live traffic does: step by step across all of them.
+    let bodies = (0..per_account).flat_map(|step| {
+        ids.iter().map(move |(account, user)| {
+            let at = chrono::DateTime::parse_from_rfc3339("2026-03-02T15:04:11Z").unwrap() + chrono::Duration::milliseconds(step as i64);
+            let resource = serde_json::json!({"id": account, "user": user, "updated_at": at.to_rfc3339(),
+                "connection": {"status": "connected"}, "step": step, "pad": "x".repeat(1800)});
+            loadgen::body("accounts.updated", *account, *user, Some(&resource))
+        })
+    });
+    let appended = append_bodies(&pool, bodies.take(args.rebuild_events)).await?;
+    let load_secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "bench: loaded {appended} events in {load_secs:.1} s ({:.0}/s through append_events, batches of 1,000)",
+        appended as f64 / load_secs
+    );
+    {
+        let mut conn = pool.acquire().await?;
+        sqlx_analyze(&mut conn).await;
+    }
+    let started = Instant::now();
+    let status = Command::new(&args.server)
+        .args(["rebuild"])
+        .env("DATABASE_URL", &rebuild_db)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "rebuild failed");
+    let secs = started.elapsed().as_secs_f64();
+    let rate = appended as f64 / secs;
+    eprintln!(
+        "bench: rebuild of {appended} events over {} accounts in {secs:.1} s: {rate:.0} events/s",
+        args.rebuild_accounts
+    );
+    rows.push(row(
+        &format!(
+            "rebuild: {appended} events over {} accounts, whole command",
+            args.rebuild_accounts
+        ),
+        format!("{rate:.0} events/s ({secs:.1} s)"),
+        "",
+        None,
+        "≥ 100,000/s",
+    ));
+    store::migrate::drop_database(&rebuild_db).await?;
+
+    let mut table = format!(
+        "Machine: {cores} cores; {version}\nConcurrency {c}; timed runs of {s} s.\n\n| measure | value | baseline | ratio | target |\n|---|---|---|---|---|\n"
+    );
+    for r in &rows {
+        table.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.measure, r.value, r.baseline, r.ratio, r.target
+        ));
+    }
+    println!("{table}");
+    let _ = std::fs::create_dir_all("target");
+    std::fs::write("target/bench-report.md", &table)?;
+    Ok(())
+}
+
+/// Fresh statistics, as autovacuum would have gathered on a live system.
+async fn sqlx_analyze(conn: &mut store::PgConnection) {
+    let _ = store::analyze(conn).await;
+}
