@@ -2,10 +2,11 @@
 -- lookups and the inserts, so the append lock (see the store crate's docs) is held as briefly as
 -- possible, and concurrent requests can share one transaction and one commit (group commit).
 --
--- Takes the transaction-level advisory lock `lock_key`, then, for each delivery in order, either
--- records a redelivery of the newest event with the same body received within `dedup_window`
--- (an identical body earlier in the same batch counts), or appends a new event at head + 1 with a
--- receive time that never goes back along the log. Returns one row per delivery, in order.
+-- Takes the transaction-level advisory lock `lock_key`, then, for the deliveries in order: one whose
+-- body (sha256) matches the newest event received within `dedup_window`, or an earlier delivery of
+-- the same batch, is recorded as a redelivery of that event; every other one becomes a new event at
+-- the next position, all received at one instant that never goes back along the log. Returns one row
+-- per delivery, in order. Set-based: one INSERT for the events and one for the redeliveries.
 CREATE FUNCTION append_events(
     lock_key bigint,
     new_events text[],
@@ -21,7 +22,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     head_position bigint;
     head_received timestamptz;
-    original bigint;
+    received timestamptz;
 BEGIN
     PERFORM pg_advisory_xact_lock(lock_key);
     SELECT e.position, e.received_at INTO head_position, head_received
@@ -29,27 +30,48 @@ BEGIN
      ORDER BY e.position DESC
      LIMIT 1;
     head_position := coalesce(head_position, 0);
-    FOR i IN 1 .. coalesce(array_length(new_bodies, 1), 0) LOOP
-        SELECT e.position INTO original
+    received := greatest(clock_timestamp(), head_received);
+    RETURN QUERY
+    WITH input AS (
+        SELECT t.i, t.ev, t.acc, t.usr, t.body, t.sha, t.sig
+          FROM unnest(new_events, new_accounts, new_users, new_bodies, new_sha256s, new_signatures)
+               WITH ORDINALITY AS t(ev, acc, usr, body, sha, sig, i)
+    ),
+    logged AS (
+        SELECT DISTINCT ON (e.body_sha256) e.body_sha256 AS sha, e.position
           FROM events e
-         WHERE e.body_sha256 = new_sha256s[i] AND e.received_at > clock_timestamp() - dedup_window
-         ORDER BY e.position DESC
-         LIMIT 1;
-        IF FOUND THEN
-            INSERT INTO redeliveries (position, received_at, signature)
-            VALUES (original, clock_timestamp(), new_signatures[i]);
-            appended_position := original;
-            is_duplicate := true;
-        ELSE
-            head_position := head_position + 1;
-            head_received := greatest(clock_timestamp(), head_received);
-            INSERT INTO events (position, received_at, event, account_id, user_id, body, body_sha256, payload, signature)
-            VALUES (head_position, head_received, new_events[i], new_accounts[i], new_users[i], new_bodies[i],
-                    new_sha256s[i], convert_from(new_bodies[i], 'UTF8')::jsonb, new_signatures[i]);
-            appended_position := head_position;
-            is_duplicate := false;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
+         WHERE e.body_sha256 = ANY (new_sha256s) AND e.received_at > clock_timestamp() - dedup_window
+         ORDER BY e.body_sha256, e.position DESC
+    ),
+    fresh AS (
+        SELECT f.i, f.sha, head_position + row_number() OVER (ORDER BY f.i) AS position
+          FROM (SELECT DISTINCT ON (inp.sha) inp.i, inp.sha
+                  FROM input inp
+                 WHERE NOT EXISTS (SELECT 1 FROM logged l WHERE l.sha = inp.sha)
+                 ORDER BY inp.sha, inp.i) f
+    ),
+    inserted AS (
+        INSERT INTO events (position, received_at, event, account_id, user_id, body, body_sha256, payload, signature)
+        SELECT f.position, received, inp.ev, inp.acc, inp.usr, inp.body, inp.sha,
+               convert_from(inp.body, 'UTF8')::jsonb, inp.sig
+          FROM fresh f JOIN input inp ON inp.i = f.i
+        RETURNING position
+    ),
+    answers AS (
+        SELECT inp.i, inp.sig,
+               coalesce(l.position, f.position) AS position,
+               NOT EXISTS (SELECT 1 FROM fresh n WHERE n.i = inp.i) AS duplicate
+          FROM input inp
+          LEFT JOIN logged l ON l.sha = inp.sha
+          LEFT JOIN fresh f ON f.sha = inp.sha
+    ),
+    redelivered AS (
+        INSERT INTO redeliveries (position, received_at, signature)
+        SELECT a.position, received, a.sig FROM answers a WHERE a.duplicate
+        RETURNING position
+    )
+    SELECT a.position, a.duplicate
+      FROM answers a
+     ORDER BY a.i;
 END;
 $$;
