@@ -146,6 +146,11 @@ struct ServeArgs {
     #[arg(long, env = "DEDUP_WINDOW", default_value = "24h", value_parser = humantime::parse_duration)]
     dedup_window: Duration,
 
+    /// Most deliveries one commit may carry: concurrent requests share a transaction (group commit).
+    /// 1 commits each delivery alone.
+    #[arg(long, env = "MAX_COMMIT_BATCH", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    max_commit_batch: u16,
+
     /// Larger webhook bodies are refused with 413.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1_048_576)]
     max_body_bytes: usize,
@@ -236,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             settings.api_tokens = args.api_tokens;
             settings.dedup_window = args.dedup_window;
             settings.max_body_bytes = args.max_body_bytes;
+            settings.max_commit_batch = usize::from(args.max_commit_batch);
             settings.request_timeout = args.request_timeout;
             settings.database_timeout = args.database_timeout;
             settings.header_timeout = args.header_timeout;
