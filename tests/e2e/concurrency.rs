@@ -197,3 +197,57 @@ async fn two_projectors_never_write_at_once_and_the_standby_takes_over() {
     assert_eq!(snapshots, fresh_fold(&pool).await);
     survivor.process.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_keeps_dedup_and_order_for_simultaneous_deliveries() {
+    let app = Arc::new(spawn_app().await);
+    let same = refinement(Uuid::new_v4(), Uuid::new_v4(), 1);
+    let mut tasks = vec![];
+    for i in 0..60u32 {
+        let (app, same) = (app.clone(), same.clone());
+        tasks.push(tokio::spawn(async move {
+            // Half send the same body at once, half distinct ones: they share commits.
+            let body = if i % 2 == 0 {
+                same
+            } else {
+                refinement(Uuid::new_v4(), Uuid::new_v4(), i)
+            };
+            (i % 2 == 0, app.deliver(&body).await)
+        }));
+    }
+    let mut same_answers = vec![];
+    let mut positions = vec![];
+    for task in tasks {
+        let (is_same, (position, duplicate)) = task.await.unwrap();
+        if is_same {
+            same_answers.push((position, duplicate));
+        } else {
+            assert!(!duplicate);
+            positions.push(position);
+        }
+    }
+    let original = same_answers[0].0;
+    assert!(
+        same_answers.iter().all(|(p, _)| *p == original),
+        "one position for one body"
+    );
+    assert_eq!(
+        same_answers.iter().filter(|(_, d)| !d).count(),
+        1,
+        "exactly one is new"
+    );
+    positions.push(original);
+    positions.sort();
+    assert_eq!(
+        positions,
+        (1..=31).collect::<Vec<_>>(),
+        "dense positions, each answered after commit"
+    );
+    assert_eq!(app.event_count().await, (31, 29));
+    app.wait_for_projection().await;
+    assert_eq!(
+        stored_snapshots(&app.pool).await,
+        fresh_fold(&app.pool).await
+    );
+    Arc::into_inner(app).unwrap().stop().await;
+}
