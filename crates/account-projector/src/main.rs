@@ -89,8 +89,15 @@ struct ExportArgs {
     #[arg(long, value_name = "T", value_parser = parse_instant)]
     until: Option<DateTime<Utc>>,
 
-    /// Comma-separated webhook secrets to re-check signatures with; without any,
-    /// `signature_valid` is null.
+    /// Secrets to re-check signatures with; without any, `signature_valid` is null.
+    #[command(flatten)]
+    secrets: SecretArgs,
+}
+
+/// The webhook secrets, shared by `serve` and `export`.
+#[derive(clap::Args, Debug)]
+struct SecretArgs {
+    /// Comma-separated webhook secrets; a delivery signed with any of them is accepted (rotation).
     #[arg(
         long,
         env = "ARGYLE_WEBHOOK_SECRETS",
@@ -120,14 +127,8 @@ struct ServeArgs {
     #[arg(long)]
     no_migrate: bool,
 
-    /// Comma-separated webhook secrets; a delivery signed with any of them is accepted (rotation).
-    #[arg(
-        long,
-        env = "ARGYLE_WEBHOOK_SECRETS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    webhook_secrets: Vec<String>,
+    #[command(flatten)]
+    secrets: SecretArgs,
 
     /// Accept unsigned webhooks when no secret is configured (otherwise ingest refuses to start).
     #[arg(long, env = "ALLOW_UNSIGNED_WEBHOOKS")]
@@ -220,7 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 since: args.since,
                 until: args.until,
             };
-            let secrets = ingest::Secrets::new(&args.webhook_secrets);
+            let secrets = ingest::Secrets::new(&args.secrets.webhook_secrets);
             match export::export(&pool, filter, &secrets, tokio::io::stdout()).await {
                 Ok(lines) => tracing::info!(lines, "export done"),
                 // The reader went away (`| head`): not an error of ours.
@@ -236,7 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             settings.role = args.role;
             settings.listen_addr = args.listen_addr;
             settings.migrate = !args.no_migrate;
-            settings.webhook_secrets = args.webhook_secrets;
+            settings.webhook_secrets = args.secrets.webhook_secrets;
             settings.allow_unsigned_webhooks = args.allow_unsigned_webhooks;
             settings.api_tokens = args.api_tokens;
             settings.dedup_window = args.dedup_window;
