@@ -676,7 +676,7 @@ async fn slow_clients_are_cut_off_and_cannot_exhaust_the_server() {
     let started = Instant::now();
     assert!(!app.deliver(&valid()).await.1);
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(5),
         "served in {:?}",
         started.elapsed()
     );
