@@ -112,3 +112,53 @@ async fn readyz_fails_while_migrations_are_pending() {
     assert_eq!(app.get("/readyz").await.status(), 200);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_count_webhooks_by_outcome_and_show_the_projection() {
+    let app = spawn_app().await;
+    let body = fixture("01_accounts.added.json");
+    app.deliver(&body).await;
+    app.deliver(&body).await;
+    let unsigned = app
+        .client
+        .post(format!("{}/webhooks/argyle", app.address))
+        .header("Content-Type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    app.wait_for_projection().await;
+    // The projector publishes its gauges after a batch; the checkpoint gauge may lag one poll.
+    let text = poll_for("metrics show the projection", || async {
+        let response = app.get("/metrics").await;
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()[CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain")
+        );
+        let text = response.text().await.unwrap();
+        text.contains("projector_checkpoint_position")
+            .then_some(text)
+    })
+    .await;
+    for needle in [
+        "webhooks_total{outcome=\"accepted\"}",
+        "webhooks_total{outcome=\"duplicate\"}",
+        "webhooks_total{outcome=\"invalid_signature\"}",
+        "append_duration_seconds_bucket",
+        "append_batch_size_bucket",
+        "log_head_position",
+        "projector_lag_events",
+        "projector_lag_seconds",
+        "projector_batch_events_bucket",
+        "snapshot_writes_total",
+        "projector_leader",
+        "# HELP webhooks_total",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    app.stop().await;
+}

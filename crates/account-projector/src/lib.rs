@@ -158,7 +158,9 @@ impl Application {
         let listener = TcpListener::bind(&settings.listen_addr)
             .await
             .with_context(|| format!("could not listen on {}", settings.listen_addr))?;
-        let mut router = api::health_router(pool.clone());
+        telemetry::prometheus();
+        let mut router = api::health_router(pool.clone())
+            .route("/metrics", axum::routing::get(telemetry::metrics));
         if role.ingests() {
             router = router.merge(ingest::router(IngestState {
                 committer: ingest::Committer::start(

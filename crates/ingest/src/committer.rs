@@ -73,7 +73,16 @@ async fn commit_loop(
         let (deliveries, replies): (Vec<Delivery>, Vec<_>) =
             batch.drain(..).map(|j| (j.delivery, j.reply)).unzip();
         tracing::trace!(deliveries = deliveries.len(), "committing a batch");
-        match append(&pool, &deliveries, dedup_window).await {
+        metrics::histogram!("append_batch_size").record(deliveries.len() as f64);
+        let started = std::time::Instant::now();
+        let outcome = append(&pool, &deliveries, dedup_window).await;
+        metrics::histogram!("append_duration_seconds").record(started.elapsed().as_secs_f64());
+        if let Ok(appended) = &outcome
+            && let Some(head) = appended.iter().map(|a| a.position).max()
+        {
+            metrics::gauge!("log_head_position").set(head as f64);
+        }
+        match outcome {
             Ok(appended) => {
                 for (reply, appended) in replies.into_iter().zip(appended) {
                     let _ = reply.send(Ok(appended));

@@ -96,8 +96,24 @@ pub struct IngestState {
 /// `POST /webhooks/argyle`.
 pub fn router(state: IngestState) -> Router {
     Router::new()
-        .route("/webhooks/argyle", post(receive))
+        .route("/webhooks/argyle", post(receive_counted))
         .with_state(state)
+}
+
+/// `POST /webhooks/argyle`, counted by outcome in `webhooks_total{outcome}`.
+async fn receive_counted(
+    state: State<IngestState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, Problem> {
+    let answer = receive(state, headers, body).await;
+    let outcome = match &answer {
+        Ok(accepted) if accepted.duplicate => "duplicate",
+        Ok(_) => "accepted",
+        Err(problem) => problem.code,
+    };
+    metrics::counter!("webhooks_total", "outcome" => outcome).increment(1);
+    answer
 }
 
 #[tracing::instrument(skip_all, fields(position, duplicate, event))]

@@ -100,6 +100,8 @@ async fn lead(
         }
     }
     tracing::info!("projector is the leader");
+    metrics::gauge!("projector_leader").set(1.0);
+    let _not_leader = NotLeaderOnDrop;
     let mut notifications = AppendNotifications::subscribe(pool).await?;
     loop {
         loop {
@@ -111,6 +113,10 @@ async fn lead(
             if outcome.events > 0 {
                 tracing::debug!(?outcome, "batch folded");
             }
+            let head = store::log::head(&mut conn).await?;
+            metrics::gauge!("log_head_position").set(head as f64);
+            metrics::gauge!("projector_checkpoint_position").set(outcome.checkpoint as f64);
+            metrics::gauge!("projector_lag_events").set((head - outcome.checkpoint).max(0) as f64);
             if (outcome.events as i64) < config.batch_size {
                 break;
             }
@@ -120,6 +126,15 @@ async fn lead(
             woke = notifications.wait() => woke?,
             () = tokio::time::sleep(config.poll_interval) => {}
         }
+    }
+}
+
+/// Resets `projector_leader` when leadership ends, however it ends.
+struct NotLeaderOnDrop;
+
+impl Drop for NotLeaderOnDrop {
+    fn drop(&mut self) {
+        metrics::gauge!("projector_leader").set(0.0);
     }
 }
 
@@ -140,6 +155,15 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
     let (snapshots_written, refused) = fold_into(&mut tx, Table::Live, &events).await?;
     store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, last).await?;
     tx.commit().await?;
+    let newest = events
+        .last()
+        .map(|e| e.received_at)
+        .unwrap_or_else(chrono::Utc::now);
+    let lag = (chrono::Utc::now() - newest).to_std().unwrap_or_default();
+    metrics::gauge!("projector_lag_seconds").set(lag.as_secs_f64());
+    metrics::histogram!("projector_batch_events").record(events.len() as f64);
+    metrics::counter!("snapshot_writes_total").increment(snapshots_written as u64);
+    metrics::counter!("quarantined_events_total").increment(refused as u64);
     Ok(BatchOutcome {
         events: events.len(),
         snapshots_written,
