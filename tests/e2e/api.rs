@@ -162,3 +162,30 @@ async fn metrics_count_webhooks_by_outcome_and_show_the_projection() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn status_reports_the_log_the_projection_and_the_leader() {
+    let app = spawn_app().await;
+    app.deliver(&fixture("01_accounts.added.json")).await;
+    app.deliver(&fixture("01_accounts.added.json")).await;
+    app.wait_for_projection().await;
+    let (code, out, err) = run_binary(&app.database_url, &["status"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "migrations:  up to date",
+        "log head:    1",
+        "checkpoint:  1 (lag 0 events)",
+        "leader:      account-projector all",
+        "events:      1 (2 deliveries)",
+        "snapshots:   1",
+        "quarantined: 0",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+    app.stop().await;
+    let (code, _, err) =
+        run_binary("postgres://postgres@127.0.0.1:1/nowhere", &["status"], &[]).await;
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "one clear sentence: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+}

@@ -55,6 +55,8 @@ enum Command {
     /// log, each difference is printed (account id and differing fields), and the exit status is 1
     /// if there is any.
     Rebuild(RebuildArgs),
+    /// Print the state of the log and the projection: head, checkpoint, lag, leader, counts.
+    Status,
     /// Audit export: every event as one NDJSON line on stdout, in log order, with its raw body,
     /// sha256, signature header as received, and the signature re-checked now.
     Export(ExportArgs),
@@ -198,8 +200,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", one_sentence(&error));
             ExitCode::FAILURE
         }
     }
@@ -213,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rebuild(args) => rebuild(&cli.database_url, args).await,
+        Command::Status => status(&cli.database_url).await,
         Command::Export(args) => {
             let pool = batch_pool(&cli.database_url).await?;
             let filter = ExportFilter {
@@ -282,6 +284,72 @@ async fn batch_pool(database_url: &str) -> anyhow::Result<store::PgPool> {
             }
         })?;
     Ok(pool)
+}
+
+/// The error and its causes in one line, without the repetitions of errors that quote their source.
+fn one_sentence(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = vec![];
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !parts
+            .last()
+            .is_some_and(|previous| previous.contains(&text))
+        {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
+async fn status(database_url: &str) -> anyhow::Result<ExitCode> {
+    let pool = store::pool(
+        database_url,
+        &store::DbOptions {
+            max_connections: 1,
+            ..store::DbOptions::default()
+        },
+    )?;
+    let ready = store::check_ready(&pool).await;
+    if ready == Err(store::NotReady::Unavailable) {
+        anyhow::bail!("cannot reach the database");
+    }
+    println!(
+        "migrations:  {}",
+        if ready.is_ok() {
+            "up to date"
+        } else {
+            "pending (run `account-projector migrate`)"
+        }
+    );
+    if ready.is_err() {
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut conn = pool.acquire().await?;
+    let head = store::log::head(&mut conn).await?;
+    let checkpoint = store::snapshots::checkpoint(&mut conn, store::snapshots::CHECKPOINT).await?;
+    let counts = store::log::counts(&mut conn).await?;
+    let snapshots = store::snapshots::count(&mut conn).await?;
+    let quarantined = store::quarantine::count(&mut conn).await?;
+    let leader = store::snapshots::leader(&mut conn).await?;
+    println!("log head:    {head}");
+    println!(
+        "checkpoint:  {checkpoint} (lag {} events)",
+        head - checkpoint
+    );
+    match leader {
+        Some((name, address, pid)) => println!(
+            "leader:      {name} (backend pid {pid}{})",
+            address.map(|a| format!(", from {a}")).unwrap_or_default()
+        ),
+        None => println!("leader:      none (no projector is running)"),
+    }
+    println!(
+        "events:      {} ({} deliveries)",
+        counts.events, counts.deliveries
+    );
+    println!("snapshots:   {snapshots}");
+    println!("quarantined: {quarantined}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn rebuild(database_url: &str, args: RebuildArgs) -> anyhow::Result<ExitCode> {

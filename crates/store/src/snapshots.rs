@@ -316,3 +316,25 @@ impl CheckpointNotifications {
         }
     }
 }
+
+/// How many live snapshots there are.
+pub async fn count(conn: &mut PgConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM account_snapshots")
+        .fetch_one(conn)
+        .await?)
+}
+
+/// The session holding the leader lock in this database, if any: its `application_name`, client
+/// address and backend pid.
+pub async fn leader(conn: &mut PgConnection) -> Result<Option<(String, Option<String>, i32)>> {
+    Ok(sqlx::query_as(
+        "SELECT a.application_name, host(a.client_addr), a.pid
+           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'advisory' AND l.granted
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+    )
+    .bind(LEADER_LOCK)
+    .fetch_optional(conn)
+    .await?)
+}
