@@ -265,11 +265,12 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let condition = &mut condition;
+    poll_for(what, || {
+        let check = condition();
+        async move { check.await.then_some(()) }
+    })
+    .await
 }
 
 /// Every snapshot folded afresh from the whole log with the domain's fold, by account.
