@@ -126,7 +126,7 @@ struct ServeArgs {
     listen_addr: String,
 
     /// Do not apply pending migrations at start.
-    #[arg(long)]
+    #[arg(long, env = "NO_MIGRATE")]
     no_migrate: bool,
 
     #[command(flatten)]
