@@ -325,7 +325,12 @@ async fn secrets_and_tokens_never_reach_the_logs() {
             .body(body.clone())
             .send()
     };
-    assert_eq!(post(signature.clone()).await.unwrap().status(), 200);
+    let accepted = post(signature.clone()).await.unwrap();
+    assert_eq!(accepted.status(), 200);
+    assert!(
+        accepted.headers().contains_key("x-request-id"),
+        "the request id is sent back"
+    );
     assert_eq!(post("ab".repeat(64)).await.unwrap().status(), 401);
     let authorized = client
         .get(format!("http://{listen}/v1/events"))
@@ -354,6 +359,28 @@ async fn secrets_and_tokens_never_reach_the_logs() {
     for line in logs.lines() {
         serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     }
+    // One JSON line per request with its span: request id, method, path, status, latency.
+    let finished: Vec<Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["message"] == "request finished")
+        .collect();
+    let webhook = finished
+        .iter()
+        .find(|l| l["span"]["path"] == "/webhooks/argyle" && l["status"] == 200)
+        .expect("a webhook request line");
+    assert_eq!(webhook["span"]["method"], "POST");
+    assert_eq!(
+        webhook["span"]["request_id"].as_str().unwrap().len(),
+        36,
+        "a UUID request id: {webhook}"
+    );
+    assert!(webhook["latency_ms"].as_f64().is_some());
+    assert!(
+        finished
+            .iter()
+            .any(|l| l["span"]["path"] == "/v1/events" && l["status"] == 401)
+    );
     for needle in [
         token,
         secret,

@@ -28,6 +28,8 @@ use projector::ProjectorConfig;
 use store::{DbOptions, PgPool};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 /// Which parts of the service this process runs.
@@ -194,7 +196,9 @@ impl Application {
             .layer(middleware::from_fn(move |request: Request, next: Next| {
                 time_limit(timeout, request, next)
             }))
-            .layer(TraceLayer::new_for_http());
+            .layer(request_span())
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
         let projector = role.projects().then(|| settings.projector.clone());
         let limits = ConnectionLimits {
             header_timeout: settings.header_timeout,
@@ -234,6 +238,47 @@ impl Application {
         self.pool.close().await;
         served.context("HTTP server failed")
     }
+}
+
+type RequestSpan = TraceLayer<
+    SharedClassifier<ServerErrorsAsFailures>,
+    fn(&Request) -> tracing::Span,
+    (),
+    fn(&Response, Duration, &tracing::Span),
+>;
+
+/// One span per request (request id, method, path; status and latency when it ends), and one
+/// `request finished` line. Only the path is logged: queries and headers may carry secrets.
+fn request_span() -> RequestSpan {
+    fn make_span(request: &Request) -> tracing::Span {
+        let id = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::info_span!(
+            "request",
+            request_id = %id,
+            method = %request.method(),
+            path = %request.uri().path(),
+            status = tracing::field::Empty,
+            latency_ms = tracing::field::Empty,
+        )
+    }
+    fn on_response(response: &Response, latency: Duration, span: &tracing::Span) {
+        let latency_ms = latency.as_secs_f64() * 1000.0;
+        span.record("status", response.status().as_u16());
+        span.record("latency_ms", latency_ms);
+        tracing::info!(
+            status = response.status().as_u16(),
+            latency_ms,
+            "request finished"
+        );
+    }
+    TraceLayer::new_for_http()
+        .make_span_with(make_span as fn(&Request) -> tracing::Span)
+        .on_request(())
+        .on_response(on_response as fn(&Response, Duration, &tracing::Span))
 }
 
 /// Accepts connections until `shutdown` fires, then waits (up to the grace period) for the requests
