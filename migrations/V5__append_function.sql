@@ -37,11 +37,18 @@ BEGIN
           FROM unnest(new_events, new_accounts, new_users, new_bodies, new_sha256s, new_signatures)
                WITH ORDINALITY AS t(ev, acc, usr, body, sha, sig, i)
     ),
+    -- One index probe per distinct body: a plan that stays cheap however large the log grows,
+    -- whether the function's statement is planned for these arrays or generically.
     logged AS (
-        SELECT DISTINCT ON (e.body_sha256) e.body_sha256 AS sha, e.position
-          FROM events e
-         WHERE e.body_sha256 = ANY (new_sha256s) AND e.received_at > clock_timestamp() - dedup_window
-         ORDER BY e.body_sha256, e.position DESC
+        SELECT s.sha, hit.position
+          FROM (SELECT DISTINCT inp.sha FROM input inp) s
+          CROSS JOIN LATERAL (
+              SELECT e.position
+                FROM events e
+               WHERE e.body_sha256 = s.sha AND e.received_at > clock_timestamp() - dedup_window
+               ORDER BY e.position DESC
+               LIMIT 1
+          ) hit
     ),
     fresh AS (
         SELECT f.i, f.sha, head_position + row_number() OVER (ORDER BY f.i) AS position
