@@ -94,21 +94,30 @@ async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
                 .position
         }
     });
-    // However long we look, a reader sees nothing: not position 2 ahead of the uncommitted 1.
+    // Wait until the second append is observably blocked on the append lock, then look: a reader
+    // sees nothing, not position 2 ahead of the uncommitted 1.
+    poll_until("the second append waits for the append lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        waiting == 1
+    })
+    .await;
     let mut reader = pool.acquire().await.unwrap();
-    for _ in 0..20 {
-        assert!(
-            store::log::read_after(&mut reader, 0, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert!(
-            !second.is_finished(),
-            "the second append waits for the first"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        store::log::read_after(&mut reader, 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !second.is_finished(),
+        "the second append waits for the first"
+    );
     first.commit().await.unwrap();
     assert_eq!(second.await.unwrap(), 2);
     let seen: Vec<i64> = store::log::read_after(&mut reader, 0, 10)

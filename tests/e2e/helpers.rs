@@ -381,16 +381,11 @@ pub fn spawn_binary(
 
 /// The `application_name` of the session holding the projector's leader lock, if any.
 pub async fn leader(pool: &PgPool) -> Option<String> {
-    sqlx::query_scalar(
-        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-         WHERE l.locktype = 'advisory' AND l.granted
-           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-           AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
-    )
-    .bind(store::snapshots::LEADER_LOCK)
-    .fetch_optional(pool)
-    .await
-    .unwrap()
+    let mut conn = pool.acquire().await.unwrap();
+    store::snapshots::leader(&mut conn)
+        .await
+        .unwrap()
+        .map(|(name, _, _)| name)
 }
 
 impl TestApp {

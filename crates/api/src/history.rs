@@ -157,6 +157,23 @@ pub(crate) struct EventPage {
     next_after: Option<i64>,
 }
 
+/// Rows were fetched one more than `limit`: that extra row says whether another page exists. Keeps
+/// `limit` rows and returns the cursor of the next page (`None` on the last one).
+fn cut_page<T>(
+    mut rows: Vec<T>,
+    limit: i64,
+    position: impl Fn(&T) -> i64,
+) -> (Vec<T>, Option<i64>) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_after = if more {
+        rows.last().map(&position)
+    } else {
+        None
+    };
+    (rows, next_after)
+}
+
 async fn page(
     state: &ApiState,
     account: Option<Uuid>,
@@ -164,15 +181,8 @@ async fn page(
 ) -> Result<Json<EventPage>, Problem> {
     let (after, limit) = Params::parse(query)?.page()?;
     let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
-    // One more than asked tells whether another page exists.
-    let mut records = store::log::page(&mut conn, account, after, limit + 1).await?;
-    let more = records.len() as i64 > limit;
-    records.truncate(limit as usize);
-    let next_after = if more {
-        records.last().map(|r| r.position)
-    } else {
-        None
-    };
+    let records = store::log::page(&mut conn, account, after, limit + 1).await?;
+    let (records, next_after) = cut_page(records, limit, |r| r.position);
     let events = records
         .into_iter()
         .map(EventView::try_from)
@@ -264,14 +274,8 @@ pub(crate) async fn quarantine(
 ) -> Result<Json<QuarantinePage>, Problem> {
     let (after, limit) = Params::parse(query.as_deref())?.page()?;
     let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
-    let mut rows = store::quarantine::page(&mut conn, after, limit + 1).await?;
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next_after = if more {
-        rows.last().map(|r| r.position)
-    } else {
-        None
-    };
+    let rows = store::quarantine::page(&mut conn, after, limit + 1).await?;
+    let (rows, next_after) = cut_page(rows, limit, |r| r.position);
     let events = rows
         .into_iter()
         .map(|r| QuarantinedView {

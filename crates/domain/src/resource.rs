@@ -86,12 +86,6 @@ impl Resource {
             .map(Self::from_raw)
     }
 
-    /// Builds a resource from a tree.
-    pub fn from_value(value: &Value) -> Self {
-        let raw = serde_json::value::to_raw_value(value).expect("a JSON value serializes");
-        Self::from_raw(&raw)
-    }
-
     /// The JSON text.
     pub fn raw(&self) -> &str {
         &self.raw

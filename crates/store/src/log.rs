@@ -146,18 +146,6 @@ pub async fn read_after(
     .await?)
 }
 
-/// Every event of one account, in log order.
-#[tracing::instrument(skip(conn))]
-pub async fn read_account(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<StoredEvent>> {
-    Ok(sqlx::query_as(
-        "SELECT position, received_at, event, account_id, user_id, body
-         FROM events WHERE account_id = $1 ORDER BY position",
-    )
-    .bind(account_id)
-    .fetch_all(conn)
-    .await?)
-}
-
 /// The highest position in the log (0 when empty).
 pub async fn head(conn: &mut PgConnection) -> Result<i64> {
     Ok(
