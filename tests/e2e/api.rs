@@ -189,3 +189,83 @@ async fn status_reports_the_log_the_projection_and_the_leader() {
     assert_eq!(err.trim().lines().count(), 1, "one clear sentence: {err}");
     assert!(err.starts_with("error: "), "{err}");
 }
+
+#[tokio::test]
+async fn openapi_document_describes_every_route_its_errors_and_the_bearer_scheme() {
+    let app = spawn_app().await;
+    let response = app.get("/openapi.json").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+    let doc: serde_json::Value = response.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/healthz",
+            "/metrics",
+            "/openapi.json",
+            "/readyz",
+            "/v1/accounts/{account_id}",
+            "/v1/accounts/{account_id}/changes",
+            "/v1/accounts/{account_id}/events",
+            "/v1/events",
+            "/v1/quarantine",
+            "/v1/users/{user_id}/accounts",
+            "/webhooks/argyle",
+        ]
+    );
+    // Every documented route is served with its documented method: neither the unknown-path
+    // fallback nor 405.
+    for path in &paths {
+        let concrete = path
+            .replace("{account_id}", &Uuid::new_v4().to_string())
+            .replace("{user_id}", &Uuid::new_v4().to_string());
+        let operations = doc["paths"][path].as_object().unwrap();
+        let response = if operations.contains_key("post") {
+            app.client
+                .post(format!("{}{concrete}", app.address))
+                .send()
+                .await
+                .unwrap()
+        } else {
+            app.get(&concrete).await
+        };
+        let status = response.status();
+        assert_ne!(status, 405, "{path} is documented with the wrong method");
+        let body = response.text().await.unwrap();
+        assert!(
+            !body.contains("no such resource"),
+            "{path} is documented but not served"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    for path in paths.iter().filter(|p| p.starts_with("/v1/")) {
+        let get = &doc["paths"][path]["get"];
+        assert_eq!(
+            get["security"][0]["bearer"],
+            serde_json::json!([]),
+            "{path}"
+        );
+        for status in ["400", "401", "503"] {
+            assert_eq!(
+                get["responses"][status]["content"]["application/problem+json"]["schema"]["$ref"],
+                "#/components/schemas/Problem",
+                "{path} {status}"
+            );
+        }
+    }
+    let ingest = &doc["paths"]["/webhooks/argyle"]["post"]["responses"];
+    for status in ["200", "400", "401", "413", "415", "503"] {
+        assert!(ingest[status].is_object(), "ingest {status} undocumented");
+    }
+    app.stop().await;
+}

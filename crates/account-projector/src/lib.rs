@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod export;
+pub mod openapi;
 pub mod progress;
 pub mod telemetry;
 
@@ -162,7 +163,8 @@ impl Application {
             .with_context(|| format!("could not listen on {}", settings.listen_addr))?;
         telemetry::prometheus();
         let mut router = api::health_router(pool.clone())
-            .route("/metrics", axum::routing::get(telemetry::metrics));
+            .route("/metrics", axum::routing::get(telemetry::metrics))
+            .route("/openapi.json", axum::routing::get(openapi::openapi_json));
         if role.ingests() {
             router = router.merge(ingest::router(IngestState {
                 committer: ingest::Committer::start(

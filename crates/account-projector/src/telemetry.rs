@@ -102,7 +102,14 @@ fn describe() {
     );
 }
 
-/// `GET /metrics`: Prometheus text exposition.
+/// Prometheus text exposition of the metrics listed in the README.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4",
+        body = String, content_type = "text/plain"))
+)]
 pub async fn metrics() -> axum::response::Response {
     use axum::http::header;
     use axum::response::IntoResponse;

@@ -19,6 +19,19 @@ use crate::{ApiState, Problem, parse_id};
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 1000;
 
+/// Paging parameters (documentation only: [`Params`] parses them).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(crate) struct PageParams {
+    /// Return events after this log position (exclusive); 0 starts at the beginning.
+    #[param(minimum = 0, default = 0)]
+    after: Option<i64>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
+    limit: Option<i64>,
+}
+
 fn invalid_query(detail: impl Into<String>) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail)
 }
@@ -116,14 +129,18 @@ fn step(
 }
 
 /// An event as the API shows it; `payload` is the body exactly as received.
-#[derive(Serialize)]
-struct EventView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct EventView {
     position: i64,
     event: String,
     account_id: Option<Uuid>,
     user_id: Option<Uuid>,
     received_at: DateTime<Utc>,
+    /// How many times Argyle delivered this exact body (1 + redeliveries).
+    #[schema(minimum = 1)]
     deliveries: i64,
+    /// The webhook body exactly as received.
+    #[schema(value_type = Object)]
     payload: Box<RawValue>,
 }
 
@@ -151,7 +168,8 @@ impl TryFrom<EventRecord> for EventView {
     }
 }
 
-#[derive(Serialize)]
+/// One page of the log; pass `next_after` as `after` for the next page (null on the last).
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct EventPage {
     events: Vec<EventView>,
     next_after: Option<i64>,
@@ -190,7 +208,18 @@ async fn page(
     Ok(Json(EventPage { events, next_after }))
 }
 
-/// `GET /v1/accounts/{account_id}/events?after=&limit=`
+/// One account's events in log order, redeliveries counted but not repeated.
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{account_id}/events",
+    tag = "audit",
+    params(("account_id" = Uuid, Path, description = "Argyle account id", example = "0187c66e-e7e5-811c-b006-2232f00f426a"), PageParams),
+    responses(
+        (status = 200, description = "A page of the account's events", body = EventPage),
+        (status = 400, description = "`invalid_id`: not a UUID; `invalid_query`: bad `after` / `limit`",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub(crate) async fn account_events(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
@@ -200,7 +229,18 @@ pub(crate) async fn account_events(
     page(&state, Some(account), query.as_deref()).await
 }
 
-/// `GET /v1/events?after=&limit=`
+/// The whole log in order.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "audit",
+    params(PageParams),
+    responses(
+        (status = 200, description = "A page of the log", body = EventPage),
+        (status = 400, description = "`invalid_query`: bad `after` / `limit`",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub(crate) async fn all_events(
     State(state): State<ApiState>,
     RawQuery(query): RawQuery,
@@ -208,21 +248,34 @@ pub(crate) async fn all_events(
     page(&state, None, query.as_deref()).await
 }
 
-#[derive(Serialize)]
-struct Change {
+/// An event that changed the account's resource.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Change {
     position: i64,
     event: String,
     received_at: DateTime<Utc>,
     /// RFC 6902 operations turning the previous resource into this event's.
+    #[schema(value_type = Vec<Object>)]
     patch: json_patch::Patch,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct Changes {
     changes: Vec<Change>,
 }
 
-/// `GET /v1/accounts/{account_id}/changes`: one entry per event that changed the resource.
+/// Field-level history: one entry per event that changed the resource, as an RFC 6902 patch.
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{account_id}/changes",
+    tag = "audit",
+    params(("account_id" = Uuid, Path, description = "Argyle account id", example = "0187c66e-e7e5-811c-b006-2232f00f426a")),
+    responses(
+        (status = 200, description = "The account's resource changes in log order", body = Changes),
+        (status = 400, description = "`invalid_id`: not a UUID",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub(crate) async fn account_changes(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
@@ -252,8 +305,9 @@ pub(crate) async fn account_changes(
     Ok(Json(Changes { changes }))
 }
 
-#[derive(Serialize)]
-struct QuarantinedView {
+/// An event the fold refused, with the reason.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct QuarantinedView {
     position: i64,
     event: String,
     account_id: Option<Uuid>,
@@ -261,13 +315,24 @@ struct QuarantinedView {
     quarantined_at: DateTime<Utc>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct QuarantinePage {
     events: Vec<QuarantinedView>,
     next_after: Option<i64>,
 }
 
-/// `GET /v1/quarantine?after=&limit=`: events the fold refused, in log order, with the reason.
+/// Events the fold refused, in log order, with the reason.
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine",
+    tag = "audit",
+    params(PageParams),
+    responses(
+        (status = 200, description = "A page of quarantined events", body = QuarantinePage),
+        (status = 400, description = "`invalid_query`: bad `after` / `limit`",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub(crate) async fn quarantine(
     State(state): State<ApiState>,
     RawQuery(query): RawQuery,

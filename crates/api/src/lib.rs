@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod history;
+pub mod openapi;
 pub mod problem;
 
 use std::sync::Arc;
@@ -113,6 +114,26 @@ pub(crate) fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
     Uuid::try_parse(raw).map_err(|_| Problem::invalid_id(format!("{what} is not a UUID")))
 }
 
+/// The account's current view, or the view as it was at a past time or log position.
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{account_id}",
+    tag = "accounts",
+    params(
+        ("account_id" = Uuid, Path, description = "Argyle account id", example = "0187c66e-e7e5-811c-b006-2232f00f426a"),
+        ("as_of" = Option<chrono::DateTime<chrono::Utc>>, Query,
+            description = "RFC 3339 instant: the view folded from events received at or before it"),
+        ("at_position" = Option<i64>, Query, minimum = 0,
+            description = "The view folded from events at log positions up to and including this one"),
+    ),
+    responses(
+        (status = 200, description = "The account view", body = AccountView),
+        (status = 400, description = "`invalid_id`: not a UUID; `invalid_query`: bad `as_of` / `at_position`, or both given",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no such account (at that time)",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn get_account(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
@@ -130,12 +151,24 @@ async fn get_account(
         .ok_or_else(|| Problem::not_found(format!("no account {account_id}")))
 }
 
-#[derive(Serialize)]
-struct UserAccounts {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct UserAccounts {
     user_id: Uuid,
     accounts: Vec<AccountView>,
 }
 
+/// Every account of one user, ordered by account id.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/accounts",
+    tag = "accounts",
+    params(("user_id" = Uuid, Path, description = "Argyle user id", example = "018051aa-f7a9-a0db-2f38-6cfa325e9d69")),
+    responses(
+        (status = 200, description = "The user's accounts; an empty list if none", body = UserAccounts),
+        (status = 400, description = "`invalid_id`: not a UUID",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn get_user_accounts(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
@@ -150,13 +183,39 @@ async fn get_user_accounts(
     Ok(Json(UserAccounts { user_id, accounts }))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// A health answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Health {
+    #[schema(value_type = String, example = "ok")]
+    status: &'static str,
 }
 
-async fn readyz(State(pool): State<PgPool>) -> Result<Json<serde_json::Value>, Problem> {
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is alive", body = Health,
+        example = json!({"status": "ok"})))
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Readiness: the database answers and every migration is applied.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready to serve", body = Health, example = json!({"status": "ready"})),
+        (status = 503, description = "`not_ready`: the database is unreachable or migrations are pending",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn readyz(State(pool): State<PgPool>) -> Result<Json<Health>, Problem> {
     match store::check_ready(&pool).await {
-        Ok(()) => Ok(Json(serde_json::json!({"status": "ready"}))),
+        Ok(()) => Ok(Json(Health { status: "ready" })),
         Err(reason) => Err(Problem {
             retry_after: Some(5),
             ..Problem::new(

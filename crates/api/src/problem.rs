@@ -5,13 +5,19 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 /// An error answer: `application/problem+json` with a stable machine-readable `code`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"type": "about:blank", "title": "Bad Request", "status": 400,
+    "detail": "account_id is not a UUID", "code": "invalid_id"}))]
 pub struct Problem {
     #[serde(rename = "type")]
+    #[schema(value_type = String)]
     pub kind: &'static str,
+    #[schema(value_type = String)]
     pub title: &'static str,
     pub status: u16,
     pub detail: String,
+    /// Stable machine-readable error code, e.g. `invalid_id`, `unauthorized`, `unavailable`.
+    #[schema(value_type = String)]
     pub code: &'static str,
     /// Seconds a client should wait before retrying (503), sent as `Retry-After`.
     #[serde(skip)]

@@ -34,7 +34,7 @@ pub struct LoggedEvent {
 }
 
 /// Whether the account still exists at Argyle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AccountStatus {
     Active,
@@ -143,15 +143,22 @@ impl AccountSnapshot {
 }
 
 /// The account view of the contract (`GET /v1/accounts/{id}`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AccountView {
     pub account_id: Uuid,
     pub user_id: Uuid,
     pub status: AccountStatus,
+    /// The resource's `connection.status` as Argyle sent it (`connecting`, `connected`, `error`, ...).
     pub connection_status: Option<String>,
+    /// The newest account object Argyle sent, exactly as sent.
+    #[schema(value_type = Option<Object>)]
     pub resource: Option<Resource>,
     pub resource_updated_at: Option<DateTime<Utc>>,
+    /// Distinct events folded into this view.
+    #[schema(minimum = 1)]
     pub version: i64,
+    /// Log position of the last folded event.
+    #[schema(minimum = 1)]
     pub last_position: i64,
     pub last_event: String,
     pub first_seen_at: DateTime<Utc>,

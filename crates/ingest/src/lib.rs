@@ -100,7 +100,42 @@ pub fn router(state: IngestState) -> Router {
         .with_state(state)
 }
 
-/// `POST /webhooks/argyle`, counted by outcome in `webhooks_total{outcome}`.
+/// The OpenAPI description of `POST /webhooks/argyle`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(receive_counted), tags((name = "ingest", description = "Argyle webhook deliveries")))]
+pub struct IngestDoc;
+
+/// Receives one Argyle webhook delivery and answers 200 only once it is durably in the log.
+///
+/// Checked in order: content type (415), size (413), signature (401), JSON (400 `invalid_json`),
+/// envelope (400 `invalid_payload`). A rejected request appends nothing. Counted by outcome in
+/// `webhooks_total{outcome}`.
+#[utoipa::path(
+    post,
+    path = "/webhooks/argyle",
+    tag = "ingest",
+    params(
+        ("X-Argyle-Signature" = Option<String>, Header,
+            description = "Lowercase hex HMAC-SHA512 of the raw body under a webhook secret"),
+    ),
+    request_body(
+        content = WebhookBody, content_type = "application/json",
+        description = "Argyle's webhook body, byte for byte, signed as sent",
+    ),
+    responses(
+        (status = 200, description = "Durably appended (or recognised as a redelivery)", body = Accepted),
+        (status = 400, description = "`invalid_json`, `invalid_payload` (the detail names the field) or `invalid_body`",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_signature`: missing or wrong X-Argyle-Signature",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds MAX_BODY_BYTES",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: Content-Type is not JSON",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or slow; see Retry-After",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn receive_counted(
     state: State<IngestState>,
     headers: HeaderMap,
@@ -200,11 +235,40 @@ async fn receive(
     }))
 }
 
+/// Argyle's webhook body as the OpenAPI document describes it (the handler parses it with
+/// [`Envelope::parse`], keeping the bytes as received).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct WebhookBody {
+    /// Event name, e.g. `accounts.updated`; events of any name are stored, `accounts.*` are folded.
+    event: String,
+    /// The subscription's name.
+    name: Option<String>,
+    data: Option<WebhookData>,
+}
+
+/// `data` of an `accounts.*` event; `account` and `user` are required for those events.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct WebhookData {
+    #[schema(format = Uuid)]
+    account: Option<String>,
+    #[schema(format = Uuid)]
+    user: Option<String>,
+    /// The account object, when the subscription includes it.
+    #[schema(value_type = Option<Object>)]
+    resource: Option<()>,
+}
+
 /// The 200 answer, fields in the contract's order.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
 struct Accepted {
+    #[schema(value_type = String, example = "accepted")]
     status: &'static str,
+    /// The event's log position (the original one for a redelivery).
+    #[schema(minimum = 1)]
     position: i64,
+    /// True when this body was already in the log within the dedup window.
     duplicate: bool,
 }
 

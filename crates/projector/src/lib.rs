@@ -91,6 +91,7 @@ async fn lead(
     let mut announced = false;
     while !store::snapshots::try_lock_leader(&mut conn).await? {
         if !announced {
+            metrics::gauge!("projector_leader").set(0.0);
             tracing::info!("another projector is leading; standing by");
             announced = true;
         }
