@@ -191,15 +191,24 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_cleanly() {
     })
     .await;
 
-    // Start a delivery, send half its body, then ask the service to stop.
+    // Start a delivery and wait until the handler reads its body (the server's `100 Continue`
+    // says so: the connection is accepted and the request is in flight), send half the body,
+    // then ask the service to stop.
     let body = refinement(Uuid::new_v4(), Uuid::new_v4(), 1);
     let head = format!(
-        "POST /webhooks/argyle HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Argyle-Signature: {}\r\nContent-Length: {}\r\n\r\n",
+        "POST /webhooks/argyle HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Argyle-Signature: {}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
         sign(&body),
         body.len()
     );
     let mut stream = tokio::net::TcpStream::connect(&listen).await.unwrap();
     stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = vec![];
+    while !interim.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        interim.push(byte[0]);
+    }
+    assert!(interim.starts_with(b"HTTP/1.1 100"), "{interim:?}");
     stream.write_all(&body[..body.len() / 2]).await.unwrap();
     let pid = service.process.id().unwrap().to_string();
     assert!(

@@ -37,9 +37,15 @@ pub enum EventKind {
     AccountRemoved,
     /// An `accounts.*` name this version does not know yet: folded like an update.
     OtherAccountEvent,
+    /// [`ACCOUNT_FETCHED`]: the account object as fetched from Argyle's API by the enricher, not
+    /// received; folded like an update, under the same newer-`updated_at` rule.
+    AccountFetched,
     /// Any other family (`paystubs.added`, `users.fully_synced`, ...): stored, never folded.
     NotAccountEvent,
 }
+
+/// The name of the events the enricher records: `data.resource` is `GET /v2/accounts/{id}`'s answer.
+pub const ACCOUNT_FETCHED: &str = "argyle.account_fetched";
 
 impl EventKind {
     /// Classifies an event name. Unknown names are never an error: Argyle adds them over time.
@@ -50,12 +56,13 @@ impl EventKind {
             "accounts.failed" => Self::AccountFailed,
             "accounts.updated" => Self::AccountUpdated,
             "accounts.removed" => Self::AccountRemoved,
+            ACCOUNT_FETCHED => Self::AccountFetched,
             other if other.starts_with("accounts.") => Self::OtherAccountEvent,
             _ => Self::NotAccountEvent,
         }
     }
 
-    /// True for every `accounts.*` event, the ones the projector folds.
+    /// True for every `accounts.*` event and [`ACCOUNT_FETCHED`], the ones the projector folds.
     pub fn is_account_event(self) -> bool {
         self != Self::NotAccountEvent
     }

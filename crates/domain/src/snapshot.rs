@@ -275,6 +275,7 @@ fn implied_status(kind: EventKind) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ACCOUNT_FETCHED;
     use chrono::TimeZone;
     use proptest::prelude::*;
     use serde_json::Value;
@@ -361,6 +362,24 @@ mod tests {
         let s = fold(&[logged(1, FIXTURES[4]), logged(2, FIXTURES[3])]).unwrap();
         assert_eq!(s.resource, Some(resource_of(FIXTURES[4])));
         assert_eq!(s.version, 2);
+    }
+
+    #[test]
+    fn a_fetched_resource_folds_under_the_newer_rule() {
+        let fetched = |position, fixture: &[u8]| {
+            edited(position, fixture, |v| v["event"] = ACCOUNT_FETCHED.into())
+        };
+        // A resource-less update, then the fetched object: the snapshot gets the resource.
+        let s = fold(&[logged(1, FIXTURES[7]), fetched(2, FIXTURES[4])]).unwrap();
+        assert_eq!(s.resource, Some(resource_of(FIXTURES[4])));
+        assert_eq!(s.connection_status.as_deref(), Some("connected"));
+        assert_eq!((s.version, s.last_event.as_str()), (2, ACCOUNT_FETCHED));
+        // A fetch answered before a newer webhook was folded never overwrites it.
+        let s = fold(&[logged(1, FIXTURES[4]), fetched(2, FIXTURES[3])]).unwrap();
+        assert_eq!(s.resource, Some(resource_of(FIXTURES[4])));
+        // Removal stays terminal.
+        let s = fold(&[logged(1, FIXTURES[6]), fetched(2, FIXTURES[5])]).unwrap();
+        assert_eq!((s.status, s.resource), (AccountStatus::Removed, None));
     }
 
     #[test]
