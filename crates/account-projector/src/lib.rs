@@ -6,7 +6,8 @@
 //! - [`Application`]: binds the listener, runs migrations, and runs the chosen roles until a
 //!   shutdown token fires. Tests build one on port 0 against a database of their own.
 //! - [`export`]: the NDJSON audit export; [`progress`]: progress bars and lines for long work.
-//! - [`telemetry`]: tracing setup (`RUST_LOG`, `LOG_FORMAT`).
+//! - [`telemetry`]: tracing setup (`RUST_LOG`, `LOG_FORMAT`), Prometheus metrics.
+//! - [`openapi`]: `/openapi.json`; [`webhooks`]: the `webhooks create|list|delete` commands.
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod export;
 pub mod openapi;
 pub mod progress;
 pub mod telemetry;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use enricher::EnricherConfig;
 use ingest::{IngestState, Secrets};
 use projector::ProjectorConfig;
 use store::{DbOptions, PgPool};
@@ -44,6 +47,9 @@ pub enum Role {
     Projector,
     /// The `/v1` query API only.
     Api,
+    /// Fetches accounts for resource-less webhooks from Argyle's API (the listener serves health
+    /// endpoints). Part of `all` when API keys are configured.
+    Enricher,
 }
 
 impl Role {
@@ -55,6 +61,9 @@ impl Role {
     }
     fn serves_api(self) -> bool {
         matches!(self, Self::All | Self::Api)
+    }
+    fn enriches(self) -> bool {
+        matches!(self, Self::All | Self::Enricher)
     }
 }
 
@@ -83,7 +92,38 @@ pub struct Settings {
     /// How long shutdown waits for in-flight requests before closing their connections.
     pub shutdown_grace: Duration,
     pub projector: ProjectorConfig,
+    /// Argyle's management API, for the enricher; `None` when no API key is configured.
+    pub argyle: Option<ArgyleApi>,
+    pub enricher: EnricherConfig,
     pub db: DbOptions,
+}
+
+/// Where and how to reach Argyle's management API.
+#[derive(Clone)]
+pub struct ArgyleApi {
+    pub url: String,
+    pub key_id: String,
+    pub key_secret: String,
+}
+
+impl std::fmt::Debug for ArgyleApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArgyleApi")
+            .field("url", &self.url)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArgyleApi {
+    /// A client, checking the URL.
+    pub fn client(&self) -> anyhow::Result<argyle::Client> {
+        Ok(argyle::Client::new(
+            &self.url,
+            &self.key_id,
+            &self.key_secret,
+        )?)
+    }
 }
 
 impl Settings {
@@ -105,6 +145,8 @@ impl Settings {
             header_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             projector: ProjectorConfig::default(),
+            argyle: None,
+            enricher: EnricherConfig::default(),
             db: DbOptions::default(),
         }
     }
@@ -116,6 +158,7 @@ pub struct Application {
     router: Router,
     pool: PgPool,
     projector: Option<ProjectorConfig>,
+    enricher: Option<(argyle::Client, EnricherConfig)>,
     limits: ConnectionLimits,
 }
 
@@ -145,6 +188,27 @@ impl Application {
                 settings.listen_addr
             );
         }
+        let enricher = match (role.enriches(), &settings.argyle) {
+            (true, Some(api)) => {
+                // Few quick retries per fetch; the enricher itself retries later, durably.
+                let client = api.client()?.with_retry(argyle::Retry {
+                    attempts: 3,
+                    first_backoff: Duration::from_millis(500),
+                    max_backoff: Duration::from_secs(5),
+                });
+                Some((client, settings.enricher.clone()))
+            }
+            (true, None) if role == Role::Enricher => bail!(
+                "the enricher needs ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET to fetch accounts"
+            ),
+            (true, None) => {
+                tracing::info!(
+                    "ARGYLE_API_KEY_ID is not set: resource-less webhooks are not enriched"
+                );
+                None
+            }
+            (false, _) => None,
+        };
         if settings.migrate {
             let report = store::migrate::migrate(&settings.database_url)
                 .await
@@ -211,6 +275,7 @@ impl Application {
             router,
             pool,
             projector,
+            enricher,
             limits,
         })
     }
@@ -232,10 +297,21 @@ impl Application {
         let projector = self.projector.map(|config| {
             tokio::spawn(projector::run(self.pool.clone(), config, shutdown.clone()))
         });
+        let enricher = self.enricher.map(|(client, config)| {
+            tokio::spawn(enricher::run(
+                self.pool.clone(),
+                client,
+                config,
+                shutdown.clone(),
+            ))
+        });
         let served = serve(self.listener, self.router, shutdown.clone(), self.limits).await;
         shutdown.cancel();
         if let Some(projector) = projector {
             projector.await.context("projector task failed")?;
+        }
+        if let Some(enricher) = enricher {
+            enricher.await.context("enricher task failed")?;
         }
         self.pool.close().await;
         served.context("HTTP server failed")

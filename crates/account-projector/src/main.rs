@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use account_projector::telemetry::{self, LogFormat};
-use account_projector::{Application, Role, Settings, export, progress};
+use account_projector::webhooks::{self, CreateOptions};
+use account_projector::{Application, ArgyleApi, Role, Settings, export, progress};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use projector::{ProjectorConfig, rebuild};
@@ -60,6 +61,96 @@ enum Command {
     /// Audit export: every event as one NDJSON line on stdout, in log order, with its raw body,
     /// sha256, signature header as received, and the signature re-checked now.
     Export(ExportArgs),
+    /// Manage the Argyle webhook subscription that sends this service its webhooks.
+    Webhooks(WebhooksArgs),
+}
+
+/// Argyle's management API and its key (from the Argyle console: Developers > API keys).
+#[derive(clap::Args, Debug)]
+struct ArgyleArgs {
+    /// Argyle's API base URL: the sandbox by default, https://api.argyle.com/v2 for production.
+    #[arg(long, env = "ARGYLE_API_URL", default_value = argyle::SANDBOX_URL)]
+    argyle_api_url: String,
+
+    /// API key id (the HTTP Basic user name).
+    #[arg(long, env = "ARGYLE_API_KEY_ID", hide_env_values = true)]
+    argyle_api_key_id: Option<String>,
+
+    /// API key secret (the HTTP Basic password).
+    #[arg(long, env = "ARGYLE_API_KEY_SECRET", hide_env_values = true)]
+    argyle_api_key_secret: Option<String>,
+}
+
+impl ArgyleArgs {
+    /// The API settings, if a key is configured; a half-configured key is an error.
+    fn api(&self) -> anyhow::Result<Option<ArgyleApi>> {
+        let non_empty = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        match (
+            non_empty(&self.argyle_api_key_id),
+            non_empty(&self.argyle_api_key_secret),
+        ) {
+            (Some(key_id), Some(key_secret)) => Ok(Some(ArgyleApi {
+                url: self.argyle_api_url.clone(),
+                key_id,
+                key_secret,
+            })),
+            (None, None) => Ok(None),
+            _ => anyhow::bail!("set both ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET, or neither"),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct WebhooksArgs {
+    #[command(subcommand)]
+    action: WebhooksAction,
+
+    #[command(flatten)]
+    argyle: ArgyleArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum WebhooksAction {
+    /// Subscribe URL to Argyle's account webhooks; does nothing if an identical subscription (same
+    /// name, url and events) exists.
+    ///
+    /// With the resource included (the default), `accounts.removed`, which Argyle cannot send a
+    /// resource with, goes into a second subscription named `<name>-no-resource`. Both sign with
+    /// one secret, printed as the ARGYLE_WEBHOOK_SECRETS line to give ingest.
+    Create {
+        /// The public URL of this service's webhook route, e.g. https://example.com/webhooks/argyle.
+        #[arg(long)]
+        url: String,
+
+        /// Subscription name (Argyle sends it in every webhook's `name`).
+        #[arg(long, default_value = "account-projector")]
+        name: String,
+
+        /// Comma-separated events.
+        #[arg(long, value_delimiter = ',', default_values_t = argyle::ACCOUNT_EVENTS.map(String::from))]
+        events: Vec<String>,
+
+        /// Subscribe without `config.include_resource`: webhooks carry ids only (the enricher
+        /// can fetch the accounts).
+        #[arg(long)]
+        no_include_resource: bool,
+
+        /// Signing secret; by default a random 256-bit one (or the secret of an existing half of
+        /// the pair).
+        #[arg(long, hide_default_value = true)]
+        secret: Option<String>,
+    },
+    /// List the subscriptions of this API key, every page.
+    List {
+        /// Print each subscription's signing secret instead of `hidden`.
+        #[arg(long)]
+        show_secrets: bool,
+    },
+    /// Delete the subscription ID.
+    Delete {
+        /// The subscription's id, as `webhooks list` shows it.
+        id: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,6 +198,13 @@ struct SecretArgs {
         hide_env_values = true
     )]
     webhook_secrets: Vec<String>,
+}
+
+fn positive_rate(raw: &str) -> Result<f64, String> {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .ok_or_else(|| "expected a positive number of fetches per second, e.g. 5 or 0.5".into())
 }
 
 fn parse_instant(raw: &str) -> Result<DateTime<Utc>, String> {
@@ -182,6 +280,18 @@ struct ServeArgs {
     #[arg(long, env = "PROJECTOR_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
 
+    #[command(flatten)]
+    argyle: ArgyleArgs,
+
+    /// The enricher fetches an account at most once per this window, however many resource-less
+    /// webhooks arrive for it.
+    #[arg(long, env = "ENRICH_WINDOW", default_value = "5s", value_parser = humantime::parse_duration)]
+    enrich_window: Duration,
+
+    /// Most account fetches per second the enricher makes.
+    #[arg(long, env = "ENRICH_RATE", default_value_t = 5.0, value_parser = positive_rate)]
+    enrich_rate: f64,
+
     /// Largest number of database connections of this process.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     max_connections: u32,
@@ -215,6 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Rebuild(args) => rebuild(&cli.database_url, args).await,
         Command::Status => status(&cli.database_url).await,
+        Command::Webhooks(args) => manage_webhooks(args).await,
         Command::Export(args) => {
             let pool = batch_pool(&cli.database_url).await?;
             let filter = ExportFilter {
@@ -254,6 +365,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 poll_interval: args.poll_interval,
                 ..ProjectorConfig::default()
             };
+            settings.argyle = args.argyle.api()?;
+            settings.enricher = enricher::EnricherConfig {
+                window: args.enrich_window,
+                rate: args.enrich_rate,
+                ..enricher::EnricherConfig::default()
+            };
             settings.db.max_connections = args.max_connections;
             let app = Application::build(settings).await?;
             let shutdown = CancellationToken::new();
@@ -262,6 +379,43 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn manage_webhooks(args: WebhooksArgs) -> anyhow::Result<ExitCode> {
+    let Some(api) = args.argyle.api()? else {
+        anyhow::bail!(
+            "set ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET (Argyle console: Developers > API keys)"
+        );
+    };
+    let client = api.client()?;
+    match args.action {
+        WebhooksAction::Create {
+            url,
+            name,
+            events,
+            no_include_resource,
+            secret,
+        } => {
+            let options = CreateOptions {
+                url,
+                name,
+                events,
+                include_resource: !no_include_resource,
+                secret,
+            };
+            let report = webhooks::create(&client, &options).await?;
+            print!("{}", webhooks::describe_create(&report));
+        }
+        WebhooksAction::List { show_secrets } => {
+            let listed = client.list_webhooks().await?;
+            print!("{}", webhooks::describe_list(&listed, show_secrets));
+        }
+        WebhooksAction::Delete { id } => {
+            client.delete_webhook(&id).await?;
+            println!("deleted {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A pool for long-running commands: no statement timeout, and the schema must be current.

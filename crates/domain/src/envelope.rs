@@ -47,6 +47,10 @@ pub enum EventKind {
 /// The name of the events the enricher records: `data.resource` is `GET /v2/accounts/{id}`'s answer.
 pub const ACCOUNT_FETCHED: &str = "argyle.account_fetched";
 
+/// The name of the events the enricher records when Argyle answers 404 for an account: kept for
+/// the audit trail, never folded.
+pub const ACCOUNT_NOT_FOUND: &str = "argyle.account_not_found";
+
 impl EventKind {
     /// Classifies an event name. Unknown names are never an error: Argyle adds them over time.
     pub fn of(name: &str) -> Self {

@@ -15,7 +15,7 @@ pub mod envelope;
 pub mod resource;
 pub mod snapshot;
 
-pub use envelope::{ACCOUNT_FETCHED, Envelope, EnvelopeError, EventKind};
+pub use envelope::{ACCOUNT_FETCHED, ACCOUNT_NOT_FOUND, Envelope, EnvelopeError, EventKind};
 pub use resource::Resource;
 pub use snapshot::{
     AccountSnapshot, AccountStatus, AccountView, FoldError, LoggedEvent, apply, fold,

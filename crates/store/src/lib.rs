@@ -26,6 +26,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod enrichment;
 pub mod log;
 pub mod migrate;
 pub mod quarantine;

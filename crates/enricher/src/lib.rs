@@ -1,0 +1,349 @@
+//! The enricher: when an `accounts.*` webhook arrives without `resource` (a subscription without
+//! `include_resource`), it fetches `GET /v2/accounts/{id}` and appends the answer to the log as an
+//! event of its own, [`domain::ACCOUNT_FETCHED`], which the projector folds under the same
+//! newer-`updated_at` rule as a webhook. A rebuild therefore stays a pure fold of the log.
+//!
+//! # Layout
+//! - [`run`]: the long-running loop. Like the projector, one enricher holds a session advisory lock
+//!   and works; others stand by. It wakes on append notifications, on the next due fetch, or every
+//!   poll interval.
+//! - [`scan`]: reads the log after the enricher's checkpoint and records a request per account that
+//!   needs fetching (`store::enrichment`), moving the checkpoint in the same transaction.
+//! - [`fetch_due`]: fetches what is due, paced to `rate` per second, and for each answer appends
+//!   the event and completes the request in one transaction.
+//!
+//! # Guarantees
+//! - No fetch lost: a request is recorded in the transaction that moves the scan checkpoint, and
+//!   completed only in the transaction that appends the answer. A crash between the fetch and that
+//!   commit means one repeated fetch, nothing more.
+//! - Coalescing: a burst of resource-less events for one account asks once; events arriving after a
+//!   fetch are served by one more fetch, no sooner than `window` after the previous one.
+//! - A 404 is recorded as [`domain::ACCOUNT_NOT_FOUND`] (not folded) and not retried. Rate limiting
+//!   and server errors are retried by the client, then again later with a growing delay.
+
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use domain::{ACCOUNT_FETCHED, ACCOUNT_NOT_FOUND, Envelope, EventKind};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sqlx::Connection;
+use store::PgPool;
+use store::enrichment::{self, CHECKPOINT, Request};
+use store::log::{AppendNotifications, Delivery, StoredEvent};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How the enricher paces itself.
+#[derive(Debug, Clone)]
+pub struct EnricherConfig {
+    /// At most one fetch per account per window.
+    pub window: Duration,
+    /// Fetches per second, at most.
+    pub rate: f64,
+    /// Events scanned per transaction.
+    pub batch_size: i64,
+    /// Look for work at least this often even if no notification arrives.
+    pub poll_interval: Duration,
+    /// How often a standby retries the lock, and the pause after a database error.
+    pub retry_interval: Duration,
+    /// Longest delay between attempts for an account whose fetch keeps failing.
+    pub max_backoff: Duration,
+}
+
+impl Default for EnricherConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(5),
+            rate: 5.0,
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            retry_interval: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Runs the enricher until `shutdown` fires, surviving database outages.
+pub async fn run(
+    pool: PgPool,
+    client: argyle::Client,
+    config: EnricherConfig,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        match lead(&pool, &client, &config, &shutdown).await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%error, "enricher lost its database connection; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(config.retry_interval) => {}
+                }
+            }
+        }
+    }
+    tracing::info!("enricher stopped");
+}
+
+async fn lead(
+    pool: &PgPool,
+    client: &argyle::Client,
+    config: &EnricherConfig,
+    shutdown: &CancellationToken,
+) -> store::Result<()> {
+    // The lock lives exactly as long as this session, which is held until leadership ends.
+    let mut lock = pool.acquire().await?.detach();
+    let mut announced = false;
+    while !enrichment::try_lock(&mut lock).await? {
+        if !announced {
+            tracing::info!("another enricher is working; standing by");
+            announced = true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(config.retry_interval) => {}
+        }
+    }
+    tracing::info!(rate = config.rate, window = ?config.window, "enricher is working");
+    let mut notifications = AppendNotifications::subscribe(pool).await?;
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate.max(0.001)));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        while scan(pool, config.batch_size).await? > 0 {}
+        fetch_due(pool, client, config, &mut pace, shutdown).await?;
+        let mut conn = pool.acquire().await?;
+        let pending = enrichment::pending(&mut conn).await?;
+        metrics::gauge!("enrichment_pending").set(pending as f64);
+        let until_due = enrichment::next_due(&mut conn)
+            .await?
+            .map(|at| (at - Utc::now()).to_std().unwrap_or_default());
+        drop(conn);
+        let pause = until_due.map_or(config.poll_interval, |d| d.min(config.poll_interval));
+        tokio::select! {
+            () = shutdown.cancelled() => return lock.close().await.map_err(Into::into),
+            notified = notifications.wait() => notified?,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Scans up to `batch_size` events after the enricher's checkpoint, records the fetches they ask
+/// for and moves the checkpoint, in one transaction. Returns how many events it scanned.
+pub async fn scan(pool: &PgPool, batch_size: i64) -> store::Result<usize> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    let from = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
+    let events = store::log::read_after(&mut tx, from, batch_size).await?;
+    let Some(last) = events.last() else {
+        return Ok(0);
+    };
+    let asks: Vec<_> = events.iter().filter_map(asks_for_fetch).collect();
+    if !asks.is_empty() {
+        tracing::debug!(
+            accounts = asks.len(),
+            "resource-less events ask for fetches"
+        );
+        enrichment::request(&mut tx, &asks).await?;
+    }
+    store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, from, last.position).await?;
+    tx.commit().await?;
+    Ok(events.len())
+}
+
+/// `(account, user, position)` if the event is an `accounts.*` webhook without `resource` for an
+/// account that still exists (`accounts.removed` never carries one: Argyle deleted the data).
+fn asks_for_fetch(stored: &StoredEvent) -> Option<(Uuid, Uuid, i64)> {
+    let envelope = Envelope::parse_logged(&stored.body).ok()?;
+    let wants = match envelope.kind() {
+        EventKind::AccountAdded
+        | EventKind::AccountConnected
+        | EventKind::AccountFailed
+        | EventKind::AccountUpdated
+        | EventKind::OtherAccountEvent => envelope.resource.is_none(),
+        EventKind::AccountRemoved | EventKind::AccountFetched | EventKind::NotAccountEvent => false,
+    };
+    Some((envelope.account?, envelope.user?, stored.position)).filter(|_| wants)
+}
+
+/// Fetches every request that is due, paced by `pace`. Returns how many it completed.
+pub async fn fetch_due(
+    pool: &PgPool,
+    client: &argyle::Client,
+    config: &EnricherConfig,
+    pace: &mut tokio::time::Interval,
+    shutdown: &CancellationToken,
+) -> store::Result<usize> {
+    let mut completed = 0;
+    loop {
+        let due = enrichment::due(&mut *pool.acquire().await?, 32).await?;
+        if due.is_empty() {
+            return Ok(completed);
+        }
+        for request in due {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(completed),
+                _ = pace.tick() => {}
+            }
+            if fetch_one(pool, client, config, &request).await? {
+                completed += 1;
+            }
+        }
+    }
+}
+
+/// Fetches one account and records the outcome. True if the request was completed.
+async fn fetch_one(
+    pool: &PgPool,
+    client: &argyle::Client,
+    config: &EnricherConfig,
+    request: &Request,
+) -> store::Result<bool> {
+    let account = request.account_id;
+    let answer = client.get_account(account).await;
+    let fetched_at = Utc::now();
+    let body = match &answer {
+        Ok(resource) => fetched_event(request, resource.as_deref(), fetched_at),
+        Err(error) => {
+            let retry_in = backoff(request.attempts, error.is_transient(), config.max_backoff);
+            tracing::warn!(%account, %error, ?retry_in, "could not fetch the account; will retry");
+            metrics::counter!("enrichment_fetches_total", "outcome" => "failed").increment(1);
+            let mut conn = pool.acquire().await?;
+            enrichment::failed(&mut conn, request, &error.to_string(), retry_in).await?;
+            return Ok(false);
+        }
+    };
+    let envelope = match Envelope::parse(&body) {
+        Ok(envelope) => envelope,
+        Err(error) => {
+            // Argyle answered JSON the log would not accept (too deep, NUL escapes, ...).
+            let retry_in = config.max_backoff;
+            tracing::warn!(%account, %error, "Argyle's account is not a storable resource");
+            metrics::counter!("enrichment_fetches_total", "outcome" => "failed").increment(1);
+            let mut conn = pool.acquire().await?;
+            enrichment::failed(&mut conn, request, &error.to_string(), retry_in).await?;
+            return Ok(false);
+        }
+    };
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    let appended = store::log::append_in(
+        &mut tx,
+        &[Delivery::new(&body, None, &envelope)],
+        // The body carries the fetch time, so no two fetches are the same event.
+        Duration::ZERO,
+    )
+    .await?;
+    enrichment::complete(&mut tx, request, config.window).await?;
+    tx.commit().await?;
+    let outcome = if answer.is_ok_and(|r| r.is_some()) {
+        "fetched"
+    } else {
+        "not_found"
+    };
+    tracing::info!(%account, position = appended[0].position, outcome, "account fetched from Argyle");
+    metrics::counter!("enrichment_fetches_total", "outcome" => outcome).increment(1);
+    Ok(true)
+}
+
+/// Pause before the next attempt after `attempts` earlier failures: doubling from one second for
+/// transient trouble, the longest pause at once for anything else (a bad API key, say).
+fn backoff(attempts: i32, transient: bool, max: Duration) -> Duration {
+    if !transient {
+        return max;
+    }
+    Duration::from_secs(1 << attempts.clamp(0, 16)).min(max)
+}
+
+/// The body of the event that records a fetch: the webhook envelope's shape, so the fold reads it
+/// like any other, with `fetched` saying where and when the resource came from.
+fn fetched_event(request: &Request, resource: Option<&RawValue>, at: DateTime<Utc>) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        event: &'static str,
+        data: Data<'a>,
+        fetched: Fetched,
+    }
+    #[derive(Serialize)]
+    struct Data<'a> {
+        account: Uuid,
+        user: Uuid,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resource: Option<&'a RawValue>,
+    }
+    #[derive(Serialize)]
+    struct Fetched {
+        request: String,
+        status: u16,
+        at: String,
+        /// The newest event that asked for this fetch.
+        asked_by_position: i64,
+    }
+    let body = Body {
+        event: if resource.is_some() {
+            ACCOUNT_FETCHED
+        } else {
+            ACCOUNT_NOT_FOUND
+        },
+        data: Data {
+            account: request.account_id,
+            user: request.user_id,
+            resource,
+        },
+        fetched: Fetched {
+            request: format!("GET /v2/accounts/{}", request.account_id),
+            status: if resource.is_some() { 200 } else { 404 },
+            at: at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            asked_by_position: request.requested_position,
+        },
+    };
+    serde_json::to_vec_pretty(&body).expect("the fetched event serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request {
+        Request {
+            account_id: Uuid::from_u128(1),
+            user_id: Uuid::from_u128(2),
+            requested_position: 7,
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn a_fetched_event_is_an_envelope_the_fold_reads() {
+        let resource = RawValue::from_string(
+            r#"{"id":"00000000-0000-0000-0000-000000000001","updated_at":"2026-03-02T15:04:11Z","connection":{"status":"connected"}}"#.into(),
+        )
+        .unwrap();
+        let body = fetched_event(&request(), Some(&resource), Utc::now());
+        let envelope = Envelope::parse(&body).unwrap();
+        assert_eq!(envelope.kind(), EventKind::AccountFetched);
+        assert_eq!(envelope.account, Some(Uuid::from_u128(1)));
+        assert_eq!(envelope.user, Some(Uuid::from_u128(2)));
+        let resource = envelope.resource.unwrap();
+        assert_eq!(resource.connection_status(), Some("connected"));
+
+        let body = fetched_event(&request(), None, Utc::now());
+        let envelope = Envelope::parse(&body).unwrap();
+        assert_eq!(envelope.event, ACCOUNT_NOT_FOUND);
+        assert_eq!(envelope.kind(), EventKind::NotAccountEvent);
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["fetched"]["status"], 404);
+        assert_eq!(value["fetched"]["asked_by_position"], 7);
+    }
+
+    #[test]
+    fn backoff_grows_then_caps() {
+        let max = Duration::from_secs(300);
+        assert_eq!(backoff(0, true, max), Duration::from_secs(1));
+        assert_eq!(backoff(3, true, max), Duration::from_secs(8));
+        assert_eq!(backoff(20, true, max), max);
+        assert_eq!(backoff(0, false, max), max);
+    }
+}
