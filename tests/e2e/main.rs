@@ -4,6 +4,7 @@
 //! Postgres is reached at `TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
 mod api;
+mod argyle;
 mod audit;
 mod concurrency;
 mod crash;
