@@ -9,9 +9,11 @@ COPY crates/store/Cargo.toml crates/store/build.rs crates/store/
 COPY crates/ingest/Cargo.toml crates/ingest/
 COPY crates/projector/Cargo.toml crates/projector/
 COPY crates/api/Cargo.toml crates/api/
+COPY crates/argyle/Cargo.toml crates/argyle/
+COPY crates/enricher/Cargo.toml crates/enricher/
 COPY crates/account-projector/Cargo.toml crates/account-projector/
 COPY crates/loadgen/Cargo.toml crates/loadgen/
-RUN for crate in domain store ingest projector api account-projector loadgen; do \
+RUN for crate in domain store ingest projector api argyle enricher account-projector loadgen; do \
         mkdir -p crates/$crate/src && echo "" > crates/$crate/src/lib.rs; \
     done \
     && echo "fn main() {}" > crates/account-projector/src/main.rs \
@@ -23,6 +25,7 @@ RUN for crate in domain store ingest projector api account-projector loadgen; do
     && rm -rf crates/*/src target/release/.fingerprint/domain-* target/release/.fingerprint/store-* \
        target/release/.fingerprint/ingest-* target/release/.fingerprint/projector-* \
        target/release/.fingerprint/api-* target/release/.fingerprint/account-projector-* \
+       target/release/.fingerprint/argyle-* target/release/.fingerprint/enricher-* \
        target/release/.fingerprint/loadgen-*
 COPY crates crates
 COPY migrations migrations

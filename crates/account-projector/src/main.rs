@@ -503,6 +503,12 @@ async fn status(database_url: &str) -> anyhow::Result<ExitCode> {
     );
     println!("snapshots:   {snapshots}");
     println!("quarantined: {quarantined}");
+    let scanned = store::snapshots::checkpoint(&mut conn, store::enrichment::CHECKPOINT).await?;
+    let pending = store::enrichment::pending(&mut conn).await?;
+    println!(
+        "enricher:    scanned to {scanned} (lag {} events), {pending} fetch(es) pending",
+        head - scanned
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -100,6 +100,14 @@ fn describe() {
         "projector_leader",
         "1 while this process is the writing projector"
     );
+    describe_counter!(
+        "enrichment_fetches_total",
+        "Account fetches from Argyle's API by outcome: fetched, not_found, failed"
+    );
+    describe_gauge!(
+        "enrichment_pending",
+        "Accounts waiting to be fetched from Argyle's API"
+    );
 }
 
 /// Prometheus text exposition of the metrics listed in the README.
