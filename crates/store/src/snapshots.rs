@@ -91,11 +91,15 @@ pub async fn get_many(
     table: Table,
     account_ids: &[Uuid],
 ) -> Result<Vec<AccountSnapshot>> {
+    // Planned at every call, never from a cached generic plan: a plan cached while the table was
+    // one page (a seq scan) would otherwise stay for good where autovacuum never analyzes it,
+    // scanning the whole table every projector batch as it grows.
     let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SNAPSHOT_COLUMNS} FROM {} WHERE account_id = ANY($1)",
         table.name()
     )))
     .bind(account_ids)
+    .persistent(false)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(Into::into).collect())

@@ -115,6 +115,101 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// `wrk` over every account for `seconds` with `connections`: (requests/s, p99 ms), or `None`
+/// when wrk is not installed.
+fn wrk_accounts(
+    base: &str,
+    accounts: &[Uuid],
+    connections: usize,
+    seconds: u64,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    let ids = std::env::temp_dir().join(format!("bench-ids-{}", std::process::id()));
+    std::fs::write(
+        &ids,
+        accounts
+            .iter()
+            .map(|a| format!("{a}\n"))
+            .collect::<String>(),
+    )?;
+    let output = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+            "benches/wrk/accounts.lua",
+            &format!("{base}/"),
+        ])
+        .env("WRK_IDS_FILE", &ids)
+        .output();
+    let _ = std::fs::remove_file(&ids);
+    let Ok(output) = output else {
+        eprintln!("bench: wrk is not installed; skipping the C-client GET row");
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(!text.contains("Non-2xx"), "wrk saw errors: {text}");
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+            .map(str::to_owned)
+    };
+    let rps: f64 = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("wrk printed no rate: {text}"))?;
+    let p99 = field("99%")
+        .and_then(|v| wrk_ms(&v))
+        .with_context(|| format!("wrk printed no p99: {text}"))?;
+    Ok(Some((rps, p99)))
+}
+
+/// wrk's `1.23ms` / `456.00us` / `1.20s` in milliseconds.
+fn wrk_ms(value: &str) -> Option<f64> {
+    let (number, factor) = if let Some(n) = value.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = value.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = value.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * factor)
+}
+
+/// Starts `serve --role <role>` on a free port; returns the process and its base URL.
+fn start_server(
+    binary: &str,
+    database_url: &str,
+    role: &str,
+) -> anyhow::Result<(std::process::Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let server = Command::new(binary)
+        .args(["serve", "--no-migrate", "--role", role])
+        .env("DATABASE_URL", database_url)
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("ARGYLE_WEBHOOK_SECRETS", SECRET)
+        .env("DATABASE_MAX_CONNECTIONS", "32")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("could not start {binary} (cargo build --release first)"))?;
+    Ok((server, format!("http://127.0.0.1:{port}")))
+}
+
+/// SIGTERM, then wait for the exit.
+fn stop_server(server: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
+}
+
 async fn wait_ready(base: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -234,29 +329,66 @@ async fn main() -> anyhow::Result<()> {
     ));
     store::migrate::drop_database(&baseline_db).await?;
 
-    // 2. The service, in its own process, on a fresh database.
+    // 2. Ingest alone: `serve --role ingest`, as the compose stack runs it, so that no projector
+    // competes for the two cores while it is timed.
+    let ingest_workload = Workload {
+        accounts: 60 * s as usize,
+        seed: 1,
+        ..Workload::default()
+    };
+    let ingest_db = url_for(&args.database_url, "account_projector_bench_ingest");
+    store::migrate::drop_database(&ingest_db).await?;
+    store::migrate::migrate(&ingest_db).await?;
+    let (mut server, base) = start_server(&args.server, &ingest_db, "ingest")?;
+    let alone = async {
+        wait_ready(&base).await?;
+        let deliveries = Arc::new(generate(&ingest_workload));
+        let sending = Sending {
+            url: base.clone(),
+            secret: SECRET.into(),
+            connections: c,
+            rate: None,
+        };
+        let alone = send(deliveries.clone(), &sending).await;
+        eprintln!("bench: ingest alone flat out: {}", alone.summary());
+        anyhow::ensure!(
+            alone.statuses.keys().all(|s| *s == 200),
+            "ingest answered {:?}",
+            alone.statuses
+        );
+        // This role serves no /v1: count the log directly. Every 200 is an event or a redelivery.
+        let pool = store::pool(&ingest_db, &store::DbOptions::default())?;
+        let counts = store::log::counts(&mut *pool.acquire().await?).await?;
+        anyhow::ensure!(
+            counts.deliveries as usize == deliveries.len(),
+            "the log holds {} deliveries, {} were acknowledged",
+            counts.deliveries,
+            deliveries.len()
+        );
+        pool.close().await;
+        anyhow::Ok(alone)
+    }
+    .await;
+    stop_server(&mut server);
+    let alone = alone?;
+    store::migrate::drop_database(&ingest_db).await?;
+    rows.push(row(
+        &format!("ingest alone (`--role ingest`): signed webhooks/s over HTTP, 200 after commit, {c} connections"),
+        format!(
+            "{:.0}/s (p99 {:.1} ms)",
+            alone.throughput(),
+            alone.latency_ms(0.99)
+        ),
+        &format!("{insert_tps:.0}/s"),
+        Some(alone.throughput() / insert_tps),
+        "≥ 1.5×",
+    ));
+
+    // 3. The service with every role, in its own process, on a fresh database.
     let service_db = url_for(&args.database_url, "account_projector_bench");
     store::migrate::drop_database(&service_db).await?;
     store::migrate::migrate(&service_db).await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut server = Command::new(&args.server)
-        .args(["serve", "--no-migrate"])
-        .env("DATABASE_URL", &service_db)
-        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("ARGYLE_WEBHOOK_SECRETS", SECRET)
-        .env("DATABASE_MAX_CONNECTIONS", "32")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| {
-            format!(
-                "could not start {} (cargo build --release first)",
-                args.server
-            )
-        })?;
+    let (mut server, base) = start_server(&args.server, &service_db, "all")?;
     let result = async {
         wait_ready(&base).await?;
         let pool = store::pool(&service_db, &store::DbOptions::default())?;
@@ -267,13 +399,8 @@ async fn main() -> anyhow::Result<()> {
             rate,
         };
 
-        // Ingest flat out.
-        let workload = Workload {
-            accounts: 60 * s as usize,
-            seed: 1,
-            ..Workload::default()
-        };
-        let deliveries = Arc::new(generate(&workload));
+        // Ingest flat out, with the projector folding at the same time.
+        let deliveries = Arc::new(generate(&ingest_workload));
         let flat = send(deliveries.clone(), &sending(None)).await;
         eprintln!("bench: ingest flat out: {}", flat.summary());
         anyhow::ensure!(
@@ -283,7 +410,7 @@ async fn main() -> anyhow::Result<()> {
         );
         loadgen::verify(&base, None, &deliveries, &flat.acks).await?;
         rows.push(row(
-            &format!("ingest: signed webhooks/s over HTTP, 200 after commit, {c} connections"),
+            &format!("ingest with the projector folding (all roles), {c} connections"),
             format!(
                 "{:.0}/s (p99 {:.1} ms)",
                 flat.throughput(),
@@ -375,7 +502,7 @@ async fn main() -> anyhow::Result<()> {
 
         // Queries.
         let accounts: Arc<Vec<Uuid>> = Arc::new(
-            generate(&workload)
+            generate(&ingest_workload)
                 .iter()
                 .map(|d| d.account)
                 .collect::<std::collections::BTreeSet<_>>()
@@ -413,6 +540,18 @@ async fn main() -> anyhow::Result<()> {
             Some(flat.throughput() / select_tps),
             "≥ 0.7×",
         ));
+        // The same with a C client (wrk), when installed: pgbench's baseline is a C client too,
+        // and a lighter client leaves more of the two cores to the server.
+        if let Some((rps, p99)) = wrk_accounts(&base, &accounts, c, s)? {
+            eprintln!("bench: GET with wrk: {rps:.0}/s, p99 {p99:.2} ms");
+            rows.push(row(
+                &format!("GET /v1/accounts/{{id}} with wrk (C client), {c} connections"),
+                format!("{rps:.0}/s (p99 {p99:.2} ms)"),
+                &format!("{select_tps:.0}/s"),
+                Some(rps / select_tps),
+                "≥ 0.7×",
+            ));
+        }
         rows.push(row(
             "GET at 1,000/s: latency p50 / p99",
             format!(
@@ -471,14 +610,11 @@ async fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     }
     .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status();
-    let _ = server.wait();
+    stop_server(&mut server);
     result?;
     store::migrate::drop_database(&service_db).await?;
 
-    // 3. Rebuild: the log of many accounts, refolded by `account-projector rebuild`.
+    // 4. Rebuild: the log of many accounts, refolded by `account-projector rebuild`.
     let rebuild_db = url_for(&args.database_url, "account_projector_bench_rebuild");
     store::migrate::drop_database(&rebuild_db).await?;
     store::migrate::migrate(&rebuild_db).await?;
