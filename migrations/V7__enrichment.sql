@@ -1,8 +1,11 @@
 -- The enricher: accounts.* events that arrived without `resource` ask for the account to be fetched
 -- from Argyle's API (GET /v2/accounts/{id}); the answer is appended to the log as an event of its own.
 
--- How far the enricher has scanned the log for such events.
-INSERT INTO projector_checkpoints (name, position) VALUES ('enricher', 0);
+-- How far the enricher has scanned the log for such events. It starts at the head: on a log that
+-- already holds events, webhooks received before this version are not fetched after the fact (that
+-- could be a flood of API calls for accounts long settled).
+INSERT INTO projector_checkpoints (name, position)
+SELECT 'enricher', coalesce(max(position), 0) FROM events;
 
 -- One row per account ever asked for. A fetch is pending while requested_position > fetched_position;
 -- it is due at next_attempt_at, which coalesces bursts (one fetch per account per window) and backs
