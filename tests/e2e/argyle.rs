@@ -489,12 +489,18 @@ async fn a_resource_less_webhook_gets_the_account_fetched_into_the_log_and_the_s
             .unwrap();
     assert_eq!(signature, None);
 
-    // A rebuild is still a pure fold of the log.
+    // A rebuild is still a pure fold of the log: verify finds nothing, and a real rebuild keeps
+    // the fetched resource.
     app.wait_for_projection().await;
     assert_eq!(
         fresh_fold(&app.pool).await,
         stored_snapshots(&app.pool).await
     );
+    let (code, out, err) = run_binary(&app.database_url, &["rebuild", "--verify"], &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = run_binary(&app.database_url, &["rebuild"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(app.account_view(account).await, view);
     assert_eq!(pending_fetches(&app).await, 0);
     server.verify().await;
     app.stop().await;

@@ -308,37 +308,44 @@ pub fn account_history(
     query.fetch(conn).map(|row| row.map_err(Into::into)).boxed()
 }
 
-/// Every `accounts.*` event up to `up_to` (or only `account`'s), streamed ordered by account and then
+/// The events the fold reads ([`domain::EventKind::is_account_event`]): every `accounts.*` event
+/// and the enricher's [`domain::ACCOUNT_FETCHED`], bound as `$3`.
+const FOLDED: &str = "account_id IS NOT NULL AND (event LIKE 'accounts.%' OR event = $3)";
+
+/// Every folded event up to `up_to` (or only `account`'s), streamed ordered by account and then
 /// position, so a rebuild can fold one account at a time in constant memory.
 pub fn account_events_by_account(
     conn: &mut PgConnection,
     up_to: i64,
     account: Option<Uuid>,
 ) -> BoxStream<'_, Result<StoredEvent>> {
-    const SQL: &str = "SELECT position, received_at, event, account_id, user_id, body FROM events
-         WHERE position <= $1 AND account_id IS NOT NULL AND event LIKE 'accounts.%'
-           AND ($2::uuid IS NULL OR account_id = $2)
-         ORDER BY account_id, position";
-    sqlx::query_as(SQL)
+    let sql = format!(
+        "SELECT position, received_at, event, account_id, user_id, body FROM events
+         WHERE position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR account_id = $2)
+         ORDER BY account_id, position"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(up_to)
         .bind(account)
+        .bind(domain::ACCOUNT_FETCHED)
         .fetch(conn)
         .map(|row| row.map_err(Into::into))
         .boxed()
 }
 
-/// How many `accounts.*` events [`account_events_by_account`] will yield.
+/// How many events [`account_events_by_account`] will yield.
 pub async fn count_account_events(
     conn: &mut PgConnection,
     up_to: i64,
     account: Option<Uuid>,
 ) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE position <= $1 AND account_id IS NOT NULL AND event LIKE 'accounts.%'
-           AND ($2::uuid IS NULL OR account_id = $2)",
-    )
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM events
+         WHERE position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR account_id = $2)"
+    )))
     .bind(up_to)
     .bind(account)
+    .bind(domain::ACCOUNT_FETCHED)
     .fetch_one(conn)
     .await?)
 }
