@@ -336,6 +336,19 @@ async fn delete_and_argyle_errors_are_one_sentence() {
         stderr.contains("set ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET"),
         "{stderr}"
     );
+    let (code, _, stderr) = webhooks(
+        &server,
+        &["create", "--url", "https://x.example", "--secret", "a,b"],
+    )
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("without commas or whitespace"), "{stderr}");
+    let (code, _, stderr) = run_binary("postgres://unused", &["webhooks", "list"], &[]).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("set ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -401,7 +414,14 @@ fn mock_account(account: Uuid) -> wiremock::MockBuilder {
     authed("GET", &format!("/v2/accounts/{account}"))
 }
 
+/// Settings whose enricher talks to `server`, which also answers the enricher's check of the URL
+/// and key (`GET /v2/accounts?limit=1`).
 async fn enricher_settings(database_url: &str, server: &MockServer, rate: f64) -> Settings {
+    authed("GET", "/v2/accounts")
+        .and(query_param("limit", "1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(api_response("list_accounts.json")))
+        .mount(server)
+        .await;
     let mut settings = test_settings().await;
     settings.database_url = database_url.to_owned();
     settings.argyle = Some(ArgyleApi {
@@ -573,8 +593,9 @@ async fn a_burst_coalesces_and_fetches_stay_a_window_apart() {
             "fetches closer than the window: {times:?}"
         );
     }
-    // One fetch may be due as the burst starts, then one per window it lasts, then one after it.
-    let bound = 2 + (burst.as_millis() / 500) as usize;
+    // One fetch may be due as the burst starts, then one per window it lasts (rounded up), then
+    // one after it.
+    let bound = 3 + (burst.as_millis() / 500) as usize;
     assert!(
         fetched.len() <= bound,
         "20 webhooks in {burst:?} made {} fetches",
@@ -631,7 +652,10 @@ async fn server_errors_are_retried_later_and_the_error_is_kept() {
         .mount(&server)
         .await;
     let database_url = fresh_database().await;
-    let app = spawn_app_with(enricher_settings(&database_url, &server, 50.0).await).await;
+    let mut settings = enricher_settings(&database_url, &server, 50.0).await;
+    // Long enough to see the failure recorded before the retry clears it.
+    settings.enricher.first_backoff = Duration::from_secs(3);
+    let app = spawn_app_with(settings).await;
     app.deliver(&resource_less(account, 0)).await;
     let error: String = poll_for("the failed attempt is recorded", || async {
         sqlx::query_scalar("SELECT last_error FROM enrichment_requests WHERE account_id = $1")
@@ -718,4 +742,163 @@ async fn a_restart_midway_loses_no_fetch_and_repeats_none() {
     // Each account was requested from Argyle exactly once, across both runs.
     server.verify().await;
     app.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_half_of_the_pair_is_created_with_the_existing_secret() {
+    let server = MockServer::start().await;
+    authed("GET", "/v2/webhooks")
+        .respond_with(page(
+            vec![listed(
+                "w1",
+                "account-projector",
+                &WITH_RESOURCE,
+                true,
+                "kept-secret",
+            )],
+            None,
+        ))
+        .mount(&server)
+        .await;
+    authed("POST", "/v2/webhooks")
+        .and(body_partial_json(json!({
+            "name": "account-projector-no-resource",
+            "events": ["accounts.removed"],
+            "secret": "kept-secret"
+        })))
+        .respond_with(ResponseTemplate::new(201).set_body_json(listed(
+            "w2",
+            "account-projector-no-resource",
+            &["accounts.removed"],
+            false,
+            "kept-secret",
+        )))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let (code, stdout, stderr) = webhooks(
+        &server,
+        &["create", "--url", "https://example.com/webhooks/argyle"],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("exists   w1") && stdout.contains("created  w2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ARGYLE_WEBHOOK_SECRETS=kept-secret"),
+        "{stdout}"
+    );
+    server.verify().await;
+}
+
+#[tokio::test]
+async fn a_create_stopped_half_way_still_prints_the_secret_of_what_was_created() {
+    let server = MockServer::start().await;
+    authed("GET", "/v2/webhooks")
+        .respond_with(page(vec![], None))
+        .mount(&server)
+        .await;
+    authed("POST", "/v2/webhooks")
+        .and(body_partial_json(json!({"name": "account-projector"})))
+        .respond_with(ResponseTemplate::new(201).set_body_json(listed(
+            "w1",
+            "account-projector",
+            &WITH_RESOURCE,
+            true,
+            "s",
+        )))
+        .mount(&server)
+        .await;
+    authed("POST", "/v2/webhooks")
+        .and(body_partial_json(
+            json!({"name": "account-projector-no-resource"}),
+        ))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(json!({"detail": "Too many webhooks."})),
+        )
+        .mount(&server)
+        .await;
+    let (code, stdout, stderr) = webhooks(
+        &server,
+        &["create", "--url", "https://example.com/webhooks/argyle"],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(stdout.contains("created  w1"), "{stdout}");
+    assert!(stdout.contains("ARGYLE_WEBHOOK_SECRETS="), "{stdout}");
+    assert_eq!(
+        stderr.trim(),
+        "error: Argyle rejected the request (HTTP 400): Too many webhooks."
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_api_url_is_not_taken_for_missing_accounts() {
+    let server = MockServer::start().await;
+    let account = Uuid::new_v4();
+    let database_url = fresh_database().await;
+    let mut settings = enricher_settings(&database_url, &server, 50.0).await;
+    // Without /v2, every path is unknown to the fake API: 404 for everything.
+    settings.argyle.as_mut().unwrap().url = server.uri();
+    let app = spawn_app_with(settings).await;
+    app.deliver(&resource_less(account, 0)).await;
+    poll_until("the enricher has checked the URL", || async {
+        server
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.url.path() == "/accounts")
+    })
+    .await;
+    poll_until("the request is recorded", || async {
+        pending_fetches(&app).await == 1
+    })
+    .await;
+    // The check failed, so nothing is fetched and nothing is recorded as not found.
+    assert!(
+        events_named(&app, account, domain::ACCOUNT_NOT_FOUND)
+            .await
+            .is_empty()
+    );
+    assert!(
+        !server
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.url.path().contains(&account.to_string()))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_removal_cancels_a_pending_fetch() {
+    let server = MockServer::start().await;
+    let account = Uuid::new_v4();
+    mock_account(account)
+        .respond_with(ResponseTemplate::new(200).set_body_json(account_object(account)))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let database_url = fresh_database().await;
+    let ingest = ingest_only(&database_url).await;
+    ingest.deliver(&resource_less(account, 0)).await;
+    let removed = for_account(&fixture("07_accounts.removed.json"), account);
+    ingest.deliver(&removed).await;
+    ingest.stop().await;
+    let app = spawn_app_with(enricher_settings(&database_url, &server, 50.0).await).await;
+    poll_until("both events are scanned", || async {
+        let mut conn = app.pool.acquire().await.unwrap();
+        store::snapshots::checkpoint(&mut conn, store::enrichment::CHECKPOINT)
+            .await
+            .unwrap()
+            == 2
+    })
+    .await;
+    assert_eq!(pending_fetches(&app).await, 0);
+    app.stop().await;
+    server.verify().await;
 }

@@ -136,8 +136,9 @@ enum WebhooksAction {
         no_include_resource: bool,
 
         /// Signing secret; by default a random 256-bit one (or the secret of an existing half of
-        /// the pair).
-        #[arg(long, hide_default_value = true)]
+        /// the pair). No commas or whitespace: it goes into the comma-separated
+        /// ARGYLE_WEBHOOK_SECRETS.
+        #[arg(long, value_parser = webhook_secret)]
         secret: Option<String>,
     },
     /// List the subscriptions of this API key, every page.
@@ -198,6 +199,14 @@ struct SecretArgs {
         hide_env_values = true
     )]
     webhook_secrets: Vec<String>,
+}
+
+fn webhook_secret(raw: &str) -> Result<String, String> {
+    if raw.is_empty() || raw.contains(',') || raw.chars().any(char::is_whitespace) {
+        Err("a webhook secret must be non-empty, without commas or whitespace".into())
+    } else {
+        Ok(raw.to_owned())
+    }
 }
 
 fn positive_rate(raw: &str) -> Result<f64, String> {
@@ -403,8 +412,11 @@ async fn manage_webhooks(args: WebhooksArgs) -> anyhow::Result<ExitCode> {
                 include_resource: !no_include_resource,
                 secret,
             };
-            let report = webhooks::create(&client, &options).await?;
+            let mut report = webhooks::create(&client, &options).await?;
             print!("{}", webhooks::describe_create(&report));
+            if let Some(error) = report.error.take() {
+                return Err(error.into());
+            }
         }
         WebhooksAction::List { show_secrets } => {
             let listed = client.list_webhooks().await?;

@@ -17,12 +17,15 @@ pub struct CreateOptions {
 }
 
 /// What `webhooks create` did, subscription by subscription.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct CreateReport {
     pub created: Vec<Webhook>,
     pub existing: Vec<Webhook>,
     /// The secret the created subscriptions sign with (`None` if nothing was created).
     pub secret: Option<String>,
+    /// Why creating stopped part way, if it did: what was created before still stands and signs
+    /// with `secret`.
+    pub error: Option<argyle::Error>,
 }
 
 /// The subscriptions `options` needs. With `include_resource`, events Argyle cannot send a
@@ -72,6 +75,7 @@ pub async fn create(
         created: vec![],
         existing: vec![],
         secret: None,
+        error: None,
     };
     let mut missing = vec![];
     for wanted in plan(options) {
@@ -92,7 +96,17 @@ pub async fn create(
         .unwrap_or_else(generate_secret);
     for mut wanted in missing {
         wanted.secret = Some(secret.clone());
-        report.created.push(create_one(client, &wanted).await?);
+        match create_one(client, &wanted).await {
+            Ok(created) => report.created.push(created),
+            Err(error) => {
+                report.error = Some(error);
+                break;
+            }
+        }
+    }
+    if report.created.is_empty() {
+        // Nothing stands that signs with the new secret: the error alone says it.
+        return Err(report.error.take().expect("a creation failed"));
     }
     report.secret = Some(secret);
     Ok(report)
@@ -137,6 +151,12 @@ pub fn describe_create(report: &CreateReport) -> String {
     }
     for webhook in &report.existing {
         let _ = writeln!(out, "exists   {}", one_line(webhook, false));
+    }
+    if let Some(error) = &report.error {
+        let _ = writeln!(
+            out,
+            "\nstopped: {error}\nThe subscription(s) created above are live; run the same command again to create the rest."
+        );
     }
     match &report.secret {
         Some(secret) => {

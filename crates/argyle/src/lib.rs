@@ -234,7 +234,7 @@ impl Client {
     /// `GET /v2/accounts/{id}`: the account object exactly as Argyle sent it, or `None` on 404.
     pub async fn get_account(&self, id: Uuid) -> Result<Option<Box<RawValue>>> {
         let url = self.url(&["accounts", &id.to_string()]);
-        let response = self.send(Method::GET, url, None, true).await?;
+        let response = self.send(Method::GET, url, None, true).await?.0;
         if response.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -248,13 +248,34 @@ impl Client {
         Ok(Some(account))
     }
 
+    /// Checks the URL and the key with one cheap request (`GET /v2/accounts?limit=1`), so that a
+    /// wrong base URL is not mistaken for accounts that do not exist.
+    pub async fn check(&self) -> Result<()> {
+        let mut url = self.url(&["accounts"]);
+        url.query_pairs_mut().append_pair("limit", "1");
+        let response = self.send(Method::GET, url.clone(), None, true).await?.0;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(Error::NotFound(format!(
+                "accounts endpoint at {url}; check ARGYLE_API_URL (it ends with /v2)"
+            )));
+        }
+        Ok(())
+    }
+
     /// `GET /v2/webhooks`, following `next` to the last page.
     pub async fn list_webhooks(&self) -> Result<Vec<Webhook>> {
         let mut url = self.url(&["webhooks"]);
         url.query_pairs_mut().append_pair("limit", "200");
         let mut webhooks = vec![];
+        let mut seen = std::collections::HashSet::new();
         loop {
-            let response = self.send(Method::GET, url.clone(), None, true).await?;
+            if !seen.insert(url.clone()) {
+                return Err(unexpected(
+                    "GET /webhooks",
+                    format!("its pages loop back to {url}"),
+                ));
+            }
+            let response = self.send(Method::GET, url.clone(), None, true).await?.0;
             if response.status() == StatusCode::NOT_FOUND {
                 return Err(Error::NotFound(format!("webhooks endpoint at {url}")));
             }
@@ -265,7 +286,7 @@ impl Client {
             webhooks.extend(page.results);
             match page.next {
                 None => return Ok(webhooks),
-                Some(next) => url = self.same_origin(&next)?,
+                Some(next) => url = self.same_origin(&url, &next)?,
             }
         }
     }
@@ -276,7 +297,8 @@ impl Client {
         let body = serde_json::to_vec(new).expect("a NewWebhook serialises");
         let response = self
             .send(Method::POST, self.url(&["webhooks"]), Some(body), false)
-            .await?;
+            .await?
+            .0;
         if response.status() == StatusCode::NOT_FOUND {
             return Err(Error::NotFound("webhooks endpoint".into()));
         }
@@ -288,19 +310,20 @@ impl Client {
 
     /// `DELETE /v2/webhooks/{id}`.
     pub async fn delete_webhook(&self, id: &str) -> Result<()> {
-        let response = self
+        let (response, attempts) = self
             .send(Method::DELETE, self.url(&["webhooks", id]), None, true)
             .await?;
-        if response.status() == StatusCode::NOT_FOUND {
+        // After a retry, a 404 may mean the first attempt deleted it.
+        if response.status() == StatusCode::NOT_FOUND && attempts == 1 {
             return Err(Error::NotFound(format!("webhook subscription {id}")));
         }
         Ok(())
     }
 
-    /// A `next` link, accepted only on the API's own origin: the API key must not go elsewhere.
-    fn same_origin(&self, next: &str) -> Result<Url> {
-        let url = self
-            .base
+    /// A `next` link (relative to the page it came from), accepted only on the API's own origin:
+    /// the API key must not go elsewhere.
+    fn same_origin(&self, page: &Url, next: &str) -> Result<Url> {
+        let url = page
             .join(next)
             .map_err(|e| unexpected("GET /webhooks", e))?;
         if url.origin() == self.base.origin() {
@@ -324,7 +347,7 @@ impl Client {
         url: Url,
         body: Option<Vec<u8>>,
         idempotent: bool,
-    ) -> Result<Response> {
+    ) -> Result<(Response, u32)> {
         let what = format!("{method} {}", url.path());
         let mut attempt = 0;
         loop {
@@ -357,7 +380,7 @@ impl Client {
             };
             let status = response.status();
             if status.is_success() || status == StatusCode::NOT_FOUND {
-                return Ok(response);
+                return Ok((response, attempt));
             }
             let retryable =
                 status == StatusCode::TOO_MANY_REQUESTS || (idempotent && status.is_server_error());
@@ -503,14 +526,19 @@ mod tests {
             client.url(&["webhooks", "a/b"]).as_str(),
             "https://api-sandbox.argyle.com/v2/webhooks/a%2Fb"
         );
+        let page = client.url(&["webhooks"]);
+        assert_eq!(
+            client.same_origin(&page, "?cursor=x").unwrap().as_str(),
+            "https://api-sandbox.argyle.com/v2/webhooks?cursor=x"
+        );
         assert!(
             client
-                .same_origin("https://api-sandbox.argyle.com/v2/webhooks?cursor=x")
+                .same_origin(&page, "https://api-sandbox.argyle.com/v2/webhooks?cursor=x")
                 .is_ok()
         );
         assert!(
             client
-                .same_origin("https://evil.example/v2/webhooks")
+                .same_origin(&page, "https://evil.example/v2/webhooks")
                 .is_err()
         );
         assert!(matches!(

@@ -242,7 +242,6 @@ async fn a_create_is_not_repeated_after_a_server_error() {
         .expect(1)
         .mount(&server)
         .await;
-    // 429 is retried even for a create: Argyle refused it before doing anything.
     let error = client(&server)
         .create_webhook(&NewWebhook {
             events: vec!["accounts.added".into()],
@@ -265,4 +264,81 @@ async fn a_create_is_not_repeated_after_a_server_error() {
     );
     let seen: Vec<Request> = server.received_requests().await.unwrap();
     assert_eq!(seen.len(), 1);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_and_a_rate_limited_create_is_retried() {
+    let server = MockServer::start().await;
+    authed("POST", "/v2/webhooks")
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    authed("POST", "/v2/webhooks")
+        .respond_with(
+            ResponseTemplate::new(201).set_body_json(real("create_webhook_response.json")),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let client = Client::new(&format!("{}/v2", server.uri()), KEY_ID, KEY_SECRET)
+        .unwrap()
+        .with_retry(Retry {
+            attempts: 3,
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(5),
+        });
+    let started = std::time::Instant::now();
+    // Argyle refused the first POST before doing anything, so repeating it cannot duplicate.
+    client
+        .create_webhook(&NewWebhook {
+            events: vec!["accounts.added".into()],
+            name: "n".into(),
+            url: "https://x.example".into(),
+            secret: None,
+            config: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "retried after {:?}, before the Retry-After of 1 s",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_delete_retried_after_a_server_error_that_finds_nothing_succeeded() {
+    let server = MockServer::start().await;
+    // The first DELETE went through but its answer was lost as a 502; the retry finds nothing.
+    authed("DELETE", "/v2/webhooks/w1")
+        .respond_with(ResponseTemplate::new(502))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    authed("DELETE", "/v2/webhooks/w1")
+        .respond_with(ResponseTemplate::new(404))
+        .expect(1)
+        .mount(&server)
+        .await;
+    client(&server).delete_webhook("w1").await.unwrap();
+}
+
+#[tokio::test]
+async fn check_tells_a_wrong_base_url_from_a_missing_account() {
+    let server = MockServer::start().await;
+    authed("GET", "/v2/accounts")
+        .and(query_param("limit", "1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(real("list_accounts.json")))
+        .mount(&server)
+        .await;
+    client(&server).check().await.unwrap();
+    let wrong = Client::new(&server.uri(), KEY_ID, KEY_SECRET).unwrap();
+    let error = wrong.check().await.unwrap_err();
+    assert!(
+        error.to_string().contains("check ARGYLE_API_URL"),
+        "{error}"
+    );
 }

@@ -30,9 +30,9 @@ use domain::{ACCOUNT_FETCHED, ACCOUNT_NOT_FOUND, Envelope, EventKind};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use sqlx::Connection;
-use store::PgPool;
 use store::enrichment::{self, CHECKPOINT, Request};
 use store::log::{AppendNotifications, Delivery, StoredEvent};
+use store::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -49,8 +49,16 @@ pub struct EnricherConfig {
     pub poll_interval: Duration,
     /// How often a standby retries the lock, and the pause after a database error.
     pub retry_interval: Duration,
-    /// Longest delay between attempts for an account whose fetch keeps failing.
+    /// Delay before retrying an account whose fetch failed once; doubles with each failure.
+    pub first_backoff: Duration,
+    /// Longest delay between attempts for an account whose fetch keeps failing, and the pause
+    /// after Argyle refused the key or the URL.
     pub max_backoff: Duration,
+    /// Pause of every fetch after Argyle kept answering 429.
+    pub rate_limit_pause: Duration,
+    /// On shutdown, how long a fetch in flight may take to finish before it is abandoned (and
+    /// done again after the restart).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for EnricherConfig {
@@ -61,7 +69,10 @@ impl Default for EnricherConfig {
             batch_size: 1000,
             poll_interval: Duration::from_secs(1),
             retry_interval: Duration::from_millis(500),
+            first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
+            rate_limit_pause: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -88,16 +99,18 @@ pub async fn run(
     tracing::info!("enricher stopped");
 }
 
+/// Stands by until this process holds the enricher lock, then works. Every read and write runs
+/// on the session that holds the lock: if that session dies, the work fails with it and a
+/// standby takes over, so two enrichers never append for the same request.
 async fn lead(
     pool: &PgPool,
     client: &argyle::Client,
     config: &EnricherConfig,
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
-    // The lock lives exactly as long as this session, which is held until leadership ends.
-    let mut lock = pool.acquire().await?.detach();
+    let mut conn = pool.acquire().await?.detach();
     let mut announced = false;
-    while !enrichment::try_lock(&mut lock).await? {
+    while !enrichment::try_lock(&mut conn).await? {
         if !announced {
             tracing::info!("another enricher is working; standing by");
             announced = true;
@@ -111,19 +124,40 @@ async fn lead(
     let mut notifications = AppendNotifications::subscribe(pool).await?;
     let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate.max(0.001)));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Fetching waits until Argyle has answered a check of the URL and key, and pauses after 429s.
+    let mut api_checked = false;
+    let mut paused_until = tokio::time::Instant::now();
     loop {
-        while scan(pool, config.batch_size).await? > 0 {}
-        fetch_due(pool, client, config, &mut pace, shutdown).await?;
-        let mut conn = pool.acquire().await?;
+        while scan(&mut conn, config.batch_size).await? > 0 {}
+        if tokio::time::Instant::now() >= paused_until {
+            if !api_checked {
+                match client.check().await {
+                    Ok(()) => api_checked = true,
+                    Err(error) => {
+                        tracing::error!(%error, pause = ?config.max_backoff, "cannot fetch accounts from Argyle");
+                        paused_until = tokio::time::Instant::now() + config.max_backoff;
+                    }
+                }
+            }
+            if api_checked {
+                let round = fetch_due(&mut conn, client, config, &mut pace, shutdown).await?;
+                if round.rate_limited {
+                    tracing::warn!(pause = ?config.rate_limit_pause, "Argyle is rate limiting; pausing fetches");
+                    paused_until = tokio::time::Instant::now() + config.rate_limit_pause;
+                }
+            }
+        }
         let pending = enrichment::pending(&mut conn).await?;
         metrics::gauge!("enrichment_pending").set(pending as f64);
         let until_due = enrichment::next_due(&mut conn)
             .await?
             .map(|at| (at - Utc::now()).to_std().unwrap_or_default());
-        drop(conn);
-        let pause = until_due.map_or(config.poll_interval, |d| d.min(config.poll_interval));
+        let until_unpaused = paused_until.saturating_duration_since(tokio::time::Instant::now());
+        let pause = until_due
+            .map_or(config.poll_interval, |d| d.min(config.poll_interval))
+            .max(until_unpaused.min(config.poll_interval));
         tokio::select! {
-            () = shutdown.cancelled() => return lock.close().await.map_err(Into::into),
+            () = shutdown.cancelled() => return conn.close().await.map_err(Into::into),
             notified = notifications.wait() => notified?,
             () = tokio::time::sleep(pause) => {}
         }
@@ -131,103 +165,154 @@ async fn lead(
 }
 
 /// Scans up to `batch_size` events after the enricher's checkpoint, records the fetches they ask
-/// for and moves the checkpoint, in one transaction. Returns how many events it scanned.
-pub async fn scan(pool: &PgPool, batch_size: i64) -> store::Result<usize> {
-    let mut conn = pool.acquire().await?;
+/// for (and drops those of removed accounts) and moves the checkpoint, in one transaction.
+/// Returns how many events it scanned.
+pub async fn scan(conn: &mut PgConnection, batch_size: i64) -> store::Result<usize> {
     let mut tx = conn.begin().await?;
     let from = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
     let events = store::log::read_after(&mut tx, from, batch_size).await?;
     let Some(last) = events.last() else {
         return Ok(0);
     };
-    let asks: Vec<_> = events.iter().filter_map(asks_for_fetch).collect();
+    let mut asks = vec![];
+    let mut removed = vec![];
+    for stored in &events {
+        match classify(stored) {
+            Some(Scanned::Asks(account, user)) => asks.push((account, user, stored.position)),
+            Some(Scanned::Removed(account)) => removed.push(account),
+            None => {}
+        }
+    }
     if !asks.is_empty() {
-        tracing::debug!(
-            accounts = asks.len(),
-            "resource-less events ask for fetches"
-        );
+        tracing::debug!(events = asks.len(), "resource-less events ask for fetches");
         enrichment::request(&mut tx, &asks).await?;
     }
+    // After the requests: a removal is terminal, whatever came before it in the batch.
+    enrichment::cancel(&mut tx, &removed).await?;
     store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, from, last.position).await?;
     tx.commit().await?;
     Ok(events.len())
 }
 
-/// `(account, user, position)` if the event is an `accounts.*` webhook without `resource` for an
-/// account that still exists (`accounts.removed` never carries one: Argyle deleted the data).
-fn asks_for_fetch(stored: &StoredEvent) -> Option<(Uuid, Uuid, i64)> {
+enum Scanned {
+    /// An `accounts.*` webhook without `resource`: fetch this account.
+    Asks(Uuid, Uuid),
+    /// `accounts.removed`: Argyle deleted the account; nothing left to fetch.
+    Removed(Uuid),
+}
+
+fn classify(stored: &StoredEvent) -> Option<Scanned> {
     let envelope = Envelope::parse_logged(&stored.body).ok()?;
-    let wants = match envelope.kind() {
+    let account = envelope.account?;
+    match envelope.kind() {
         EventKind::AccountAdded
         | EventKind::AccountConnected
         | EventKind::AccountFailed
         | EventKind::AccountUpdated
-        | EventKind::OtherAccountEvent => envelope.resource.is_none(),
-        EventKind::AccountRemoved | EventKind::AccountFetched | EventKind::NotAccountEvent => false,
-    };
-    Some((envelope.account?, envelope.user?, stored.position)).filter(|_| wants)
+        | EventKind::OtherAccountEvent
+            if envelope.resource.is_none() =>
+        {
+            Some(Scanned::Asks(account, envelope.user?))
+        }
+        EventKind::AccountRemoved => Some(Scanned::Removed(account)),
+        _ => None,
+    }
 }
 
-/// Fetches every request that is due, paced by `pace`. Returns how many it completed.
+/// What one round of [`fetch_due`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Requests completed (fetched or recorded as not found).
+    pub completed: usize,
+    /// Argyle kept answering 429: the caller pauses every fetch.
+    pub rate_limited: bool,
+}
+
+/// Fetches every request that is due, paced by `pace`.
 pub async fn fetch_due(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     client: &argyle::Client,
     config: &EnricherConfig,
     pace: &mut tokio::time::Interval,
     shutdown: &CancellationToken,
-) -> store::Result<usize> {
-    let mut completed = 0;
+) -> store::Result<Round> {
+    let mut round = Round::default();
     loop {
-        let due = enrichment::due(&mut *pool.acquire().await?, 32).await?;
+        let due = enrichment::due(conn, 32).await?;
         if due.is_empty() {
-            return Ok(completed);
+            return Ok(round);
         }
         for request in due {
             tokio::select! {
-                () = shutdown.cancelled() => return Ok(completed),
+                () = shutdown.cancelled() => return Ok(round),
                 _ = pace.tick() => {}
             }
-            if fetch_one(pool, client, config, &request).await? {
-                completed += 1;
+            match fetch_one(conn, client, config, &request, shutdown).await? {
+                Outcome::Completed => round.completed += 1,
+                Outcome::Failed => {}
+                Outcome::RateLimited => {
+                    round.rate_limited = true;
+                    return Ok(round);
+                }
+                Outcome::Abandoned => return Ok(round),
             }
         }
     }
 }
 
-/// Fetches one account and records the outcome. True if the request was completed.
+enum Outcome {
+    Completed,
+    Failed,
+    RateLimited,
+    /// Shutdown came and the fetch did not finish within the grace period; still pending.
+    Abandoned,
+}
+
+/// Fetches one account and records the outcome.
 async fn fetch_one(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     client: &argyle::Client,
     config: &EnricherConfig,
     request: &Request,
-) -> store::Result<bool> {
+    shutdown: &CancellationToken,
+) -> store::Result<Outcome> {
     let account = request.account_id;
-    let answer = client.get_account(account).await;
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(config.shutdown_grace).await;
+    };
+    let answer = tokio::select! {
+        answer = client.get_account(account) => answer,
+        () = grace => {
+            tracing::warn!(%account, "shutting down with a fetch in flight; it is done again after the restart");
+            return Ok(Outcome::Abandoned);
+        }
+    };
     let fetched_at = Utc::now();
     let body = match &answer {
         Ok(resource) => fetched_event(request, resource.as_deref(), fetched_at),
         Err(error) => {
-            let retry_in = backoff(request.attempts, error.is_transient(), config.max_backoff);
+            let retry_in = backoff(request.attempts, error.is_transient(), config);
             tracing::warn!(%account, %error, ?retry_in, "could not fetch the account; will retry");
             metrics::counter!("enrichment_fetches_total", "outcome" => "failed").increment(1);
-            let mut conn = pool.acquire().await?;
-            enrichment::failed(&mut conn, request, &error.to_string(), retry_in).await?;
-            return Ok(false);
+            enrichment::failed(conn, request, &error.to_string(), retry_in).await?;
+            return Ok(if matches!(error, argyle::Error::RateLimited { .. }) {
+                Outcome::RateLimited
+            } else {
+                Outcome::Failed
+            });
         }
     };
     let envelope = match Envelope::parse(&body) {
         Ok(envelope) => envelope,
         Err(error) => {
             // Argyle answered JSON the log would not accept (too deep, NUL escapes, ...).
-            let retry_in = config.max_backoff;
             tracing::warn!(%account, %error, "Argyle's account is not a storable resource");
             metrics::counter!("enrichment_fetches_total", "outcome" => "failed").increment(1);
-            let mut conn = pool.acquire().await?;
-            enrichment::failed(&mut conn, request, &error.to_string(), retry_in).await?;
-            return Ok(false);
+            enrichment::failed(conn, request, &error.to_string(), config.max_backoff).await?;
+            return Ok(Outcome::Failed);
         }
     };
-    let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     let appended = store::log::append_in(
         &mut tx,
@@ -245,16 +330,20 @@ async fn fetch_one(
     };
     tracing::info!(%account, position = appended[0].position, outcome, "account fetched from Argyle");
     metrics::counter!("enrichment_fetches_total", "outcome" => outcome).increment(1);
-    Ok(true)
+    Ok(Outcome::Completed)
 }
 
-/// Pause before the next attempt after `attempts` earlier failures: doubling from one second for
-/// transient trouble, the longest pause at once for anything else (a bad API key, say).
-fn backoff(attempts: i32, transient: bool, max: Duration) -> Duration {
+/// Pause before the next attempt after `attempts` earlier failures: doubling from
+/// `first_backoff` for transient trouble, the longest pause at once for anything else (a bad API
+/// key, say).
+fn backoff(attempts: i32, transient: bool, config: &EnricherConfig) -> Duration {
     if !transient {
-        return max;
+        return config.max_backoff;
     }
-    Duration::from_secs(1 << attempts.clamp(0, 16)).min(max)
+    config
+        .first_backoff
+        .saturating_mul(1 << attempts.clamp(0, 16))
+        .min(config.max_backoff)
 }
 
 /// The body of the event that records a fetch: the webhook envelope's shape, so the fold reads it
@@ -340,10 +429,11 @@ mod tests {
 
     #[test]
     fn backoff_grows_then_caps() {
-        let max = Duration::from_secs(300);
-        assert_eq!(backoff(0, true, max), Duration::from_secs(1));
-        assert_eq!(backoff(3, true, max), Duration::from_secs(8));
-        assert_eq!(backoff(20, true, max), max);
-        assert_eq!(backoff(0, false, max), max);
+        let config = EnricherConfig::default();
+        let max = config.max_backoff;
+        assert_eq!(backoff(0, true, &config), Duration::from_secs(1));
+        assert_eq!(backoff(3, true, &config), Duration::from_secs(8));
+        assert_eq!(backoff(20, true, &config), max);
+        assert_eq!(backoff(0, false, &config), max);
     }
 }

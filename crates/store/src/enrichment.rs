@@ -128,3 +128,19 @@ pub async fn try_lock(conn: &mut PgConnection) -> Result<bool> {
         .fetch_one(conn)
         .await?)
 }
+
+/// Drops the pending fetches of accounts Argyle removed: their data is gone, a fetch would 404.
+pub async fn cancel(conn: &mut PgConnection, accounts: &[Uuid]) -> Result<()> {
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE enrichment_requests SET fetched_position = requested_position, attempts = 0,
+             last_error = NULL
+         WHERE account_id = ANY($1) AND requested_position > fetched_position",
+    )
+    .bind(accounts)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
