@@ -902,3 +902,85 @@ async fn a_removal_cancels_a_pending_fetch() {
     app.stop().await;
     server.verify().await;
 }
+
+#[tokio::test]
+async fn a_crash_during_a_fetch_loses_nothing_and_logs_the_account_once() {
+    let server = MockServer::start().await;
+    let account = Uuid::new_v4();
+    let database_url = fresh_database().await;
+    let ingest = ingest_only(&database_url).await;
+    ingest.deliver(&resource_less(account, 0)).await;
+    ingest.stop().await;
+    let check = || {
+        authed("GET", "/v2/accounts")
+            .and(query_param("limit", "1"))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(api_response("list_accounts.json")),
+            )
+    };
+    check().mount(&server).await;
+    // Argyle is slow to answer: the enricher is killed while the fetch is in flight.
+    mock_account(account)
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(account_object(account))
+                .set_delay(Duration::from_secs(30)),
+        )
+        .mount(&server)
+        .await;
+    let api = format!("{}/v2", server.uri());
+    let env = [
+        ("ARGYLE_API_URL", api.as_str()),
+        ("ARGYLE_API_KEY_ID", KEY_ID),
+        ("ARGYLE_API_KEY_SECRET", KEY_SECRET),
+        ("ENRICH_RATE", "50"),
+    ];
+    let mut first = spawn_binary(&database_url, "enricher", "enricher-1", &env);
+    poll_until("the fetch is in flight", || async {
+        server
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.url.path().ends_with(&account.to_string()))
+    })
+    .await;
+    first.process.kill().await.unwrap();
+    let pool = PgPool::connect(&database_url).await.unwrap();
+    let fetched = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE event = $1")
+            .bind(domain::ACCOUNT_FETCHED)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(fetched().await, 0);
+    assert_eq!(
+        store::enrichment::pending(&mut pool.acquire().await.unwrap())
+            .await
+            .unwrap(),
+        1,
+        "the request survived the crash"
+    );
+
+    // Argyle answers promptly now; a new enricher fetches the account, once.
+    server.reset().await;
+    check().mount(&server).await;
+    mock_account(account)
+        .respond_with(ResponseTemplate::new(200).set_body_json(account_object(account)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut second = spawn_binary(&database_url, "enricher", "enricher-2", &env);
+    poll_until("the account is fetched", || async { fetched().await == 1 }).await;
+    poll_until("nothing is pending", || async {
+        store::enrichment::pending(&mut pool.acquire().await.unwrap())
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    assert_eq!(fetched().await, 1);
+    second.process.kill().await.unwrap();
+    server.verify().await;
+}
