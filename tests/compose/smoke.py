@@ -6,7 +6,9 @@ its environment as local processes of the `account-projector` binary against the
 service hostnames mapped to 127.0.0.1 and each replica on a port of its own. It waits for every
 service's own healthcheck, sends the signed fixtures to the ingest port, reads the result from the
 api port, checks that exactly one projector replica leads, stops the leader and checks that the
-standby takes over, then stops everything and checks every process exits 0.
+standby takes over, then stops everything and checks every process exits 0. Services behind a
+profile run too (as `docker compose --profile enricher up` would): the enricher talks to a fake
+Argyle API started here, and a webhook without a resource must reach the api with the fetched one.
 
     python3 tests/compose/smoke.py [--binary target/debug/account-projector]
 
@@ -15,6 +17,7 @@ pg_isready, and Postgres at 127.0.0.1:5432 accepting the compose file's user.
 """
 
 import argparse
+import base64
 import hashlib
 import hmac
 import json
@@ -26,10 +29,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
 
@@ -38,6 +43,42 @@ FIXTURES = ROOT / "tests" / "fixtures" / "argyle"
 SECRET = "test_webhook_secret"  # the fixtures' signing key (tests/fixtures/argyle/SIGNATURES.txt)
 TOKEN = "compose-smoke-token"
 DEADLINE = 60.0
+API_KEY = ("compose-smoke-key", "compose-smoke-key-secret")
+REAL_ACCOUNT = ROOT / "tests" / "fixtures" / "real-deliveries" / "api" / "get_account.json"
+
+
+class FakeArgyle(BaseHTTPRequestHandler):
+    """Argyle's GET /v2/accounts?limit=1 and GET /v2/accounts/{id}, behind the API key."""
+
+    def do_GET(self):  # noqa: N802 - the handler's name is http.server's
+        expected = "Basic " + base64.b64encode(":".join(API_KEY).encode()).decode()
+        if self.headers.get("Authorization") != expected:
+            return self.answer(401, {"detail": "Invalid credentials."})
+        route = urllib.parse.urlsplit(self.path).path.rstrip("/")
+        if route == "/v2/accounts":
+            return self.answer(200, {"next": None, "previous": None, "results": []})
+        if route.startswith("/v2/accounts/"):
+            account = json.loads(REAL_ACCOUNT.read_bytes())
+            account["id"] = route.rsplit("/", 1)[1]
+            return self.answer(200, account)
+        return self.answer(404, {"detail": "Not found."})
+
+    def answer(self, status, body):
+        data = json.dumps(body, indent=2).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def start_fake_argyle():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeArgyle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 class Failed(Exception):
@@ -162,7 +203,15 @@ def published_port(service, container_port, replica):
 
 
 def run(binary):
-    env = dict(os.environ, ARGYLE_WEBHOOK_SECRETS=SECRET, API_TOKENS=TOKEN)
+    argyle = start_fake_argyle()
+    env = dict(
+        os.environ,
+        ARGYLE_WEBHOOK_SECRETS=SECRET,
+        API_TOKENS=TOKEN,
+        ARGYLE_API_URL=f"http://127.0.0.1:{argyle.server_address[1]}/v2",
+        ARGYLE_API_KEY_ID=API_KEY[0],
+        ARGYLE_API_KEY_SECRET=API_KEY[1],
+    )
     compose = resolved_compose(env)
     services = compose["services"]
     hosts = set(services)
@@ -175,9 +224,7 @@ def run(binary):
         for name in start_order(services):
             service = services[name]
             if service.get("profiles"):
-                # Like `docker compose up`, which starts a service with profiles only when asked.
-                print(f"compose-smoke: {name}: skipped (profiles {service['profiles']})")
-                continue
+                print(f"compose-smoke: {name}: started too (profiles {service['profiles']})")
             if "build" not in service:
                 # Infrastructure (Postgres): the local server stands in for it.
                 subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], check=True)
@@ -312,6 +359,25 @@ def check_stack(endpoints, replicas_of, stack):
         lambda: http("GET", f"{api}/v1/accounts/{fresh['data']['account']}", headers=auth)[0] == 200,
     )
     print("compose-smoke: the standby took over and folded a new event")
+
+    # A webhook without a resource: the enricher fetches the account from the fake Argyle API.
+    bare = json.loads((FIXTURES / "08_accounts.updated.no_resource.json").read_bytes())
+    bare["data"]["account"] = "0187c66e-e7e5-811c-b006-00000000cafe"
+    body = json.dumps(bare, indent=2).encode()
+    status, answer = http("POST", f"{ingest}/webhooks/argyle", body,
+                          {"Content-Type": "application/json", "X-Argyle-Signature": sign(body)})
+    if status != 200:
+        raise Failed(f"ingest answered {status} to a resource-less webhook: {answer!r}")
+
+    def enriched():
+        status, answer = http("GET", f"{api}/v1/accounts/{bare['data']['account']}", headers=auth)
+        view = json.loads(answer) if status == 200 else {}
+        return view if view.get("last_event") == "argyle.account_fetched" else None
+
+    view = poll("the enricher to fetch the account", enriched)
+    if view["resource"]["id"] != bare["data"]["account"] or view["connection_status"] != "connected":
+        raise Failed(f"unexpected enriched view {view}")
+    print("compose-smoke: the enricher fetched a resource-less webhook's account into the api")
 
 
 def main():
