@@ -15,6 +15,8 @@ use crate::helpers::*;
 
 const KEY_ID: &str = "test_key_id";
 const KEY_SECRET: &str = "test_key_secret";
+/// The webhook URL the tests subscribe.
+const HOOK_URL: &str = "https://example.com/webhooks/argyle";
 
 fn api_response(name: &str) -> Value {
     let path = fixtures_dir().join("real-deliveries/api").join(name);
@@ -51,9 +53,20 @@ fn listed(id: &str, name: &str, events: &[&str], include_resource: bool, secret:
     webhook["name"] = name.into();
     webhook["events"] = json!(events);
     webhook["config"] = json!({ "include_resource": include_resource });
-    webhook["url"] = "https://example.com/webhooks/argyle".into();
+    webhook["url"] = HOOK_URL.into();
     webhook["secret"] = secret.into();
     webhook
+}
+
+/// Argyle's 201 for a subscription it created, as [`listed`].
+fn created(
+    id: &str,
+    name: &str,
+    events: &[&str],
+    include_resource: bool,
+    secret: &str,
+) -> ResponseTemplate {
+    ResponseTemplate::new(201).set_body_json(listed(id, name, events, include_resource, secret))
 }
 
 fn page(results: Vec<Value>, next: Option<String>) -> ResponseTemplate {
@@ -78,17 +91,17 @@ async fn create_splits_removed_into_its_own_subscription_and_a_second_create_doe
     authed("POST", "/v2/webhooks")
         .and(body_partial_json(json!({
             "name": "account-projector",
-            "url": "https://example.com/webhooks/argyle",
+            "url": HOOK_URL,
             "events": WITH_RESOURCE,
             "config": {"include_resource": true}
         })))
-        .respond_with(ResponseTemplate::new(201).set_body_json(listed(
+        .respond_with(created(
             "w1",
             "account-projector",
             &WITH_RESOURCE,
             true,
             "s",
-        )))
+        ))
         .expect(1)
         .mount(&server)
         .await;
@@ -97,22 +110,18 @@ async fn create_splits_removed_into_its_own_subscription_and_a_second_create_doe
             "name": "account-projector-no-resource",
             "events": ["accounts.removed"]
         })))
-        .respond_with(ResponseTemplate::new(201).set_body_json(listed(
+        .respond_with(created(
             "w2",
             "account-projector-no-resource",
             &["accounts.removed"],
             false,
             "s",
-        )))
+        ))
         .expect(1)
         .mount(&server)
         .await;
 
-    let (code, stdout, stderr) = webhooks(
-        &server,
-        &["create", "--url", "https://example.com/webhooks/argyle"],
-    )
-    .await;
+    let (code, stdout, stderr) = webhooks(&server, &["create", "--url", HOOK_URL]).await;
     assert_eq!(code, 0, "{stderr}");
     server.verify().await;
     // Both subscriptions sign with one new secret, printed for ARGYLE_WEBHOOK_SECRETS.
@@ -174,11 +183,7 @@ async fn create_splits_removed_into_its_own_subscription_and_a_second_create_doe
         .expect(0)
         .mount(&server)
         .await;
-    let (code, stdout, stderr) = webhooks(
-        &server,
-        &["create", "--url", "https://example.com/webhooks/argyle"],
-    )
-    .await;
+    let (code, stdout, stderr) = webhooks(&server, &["create", "--url", HOOK_URL]).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains("exists   w1") && stdout.contains("exists   w2"),
@@ -201,13 +206,13 @@ async fn create_without_the_resource_is_one_subscription_with_the_given_secret()
             "events": ["accounts.updated", "accounts.removed"],
             "secret": "my-own-secret"
         })))
-        .respond_with(ResponseTemplate::new(201).set_body_json(listed(
+        .respond_with(created(
             "w3",
             "ids-only",
             &["accounts.updated", "accounts.removed"],
             false,
             "my-own-secret",
-        )))
+        ))
         .expect(1)
         .mount(&server)
         .await;
@@ -216,7 +221,7 @@ async fn create_without_the_resource_is_one_subscription_with_the_given_secret()
         &[
             "create",
             "--url",
-            "https://example.com/webhooks/argyle",
+            HOOK_URL,
             "--name",
             "ids-only",
             "--events",
@@ -378,7 +383,7 @@ async fn a_create_that_failed_on_the_server_is_not_repeated_when_it_went_through
         &[
             "create",
             "--url",
-            "https://example.com/webhooks/argyle",
+            HOOK_URL,
             "--name",
             "solo",
             "--events",
@@ -766,21 +771,17 @@ async fn a_missing_half_of_the_pair_is_created_with_the_existing_secret() {
             "events": ["accounts.removed"],
             "secret": "kept-secret"
         })))
-        .respond_with(ResponseTemplate::new(201).set_body_json(listed(
+        .respond_with(created(
             "w2",
             "account-projector-no-resource",
             &["accounts.removed"],
             false,
             "kept-secret",
-        )))
+        ))
         .expect(1)
         .mount(&server)
         .await;
-    let (code, stdout, stderr) = webhooks(
-        &server,
-        &["create", "--url", "https://example.com/webhooks/argyle"],
-    )
-    .await;
+    let (code, stdout, stderr) = webhooks(&server, &["create", "--url", HOOK_URL]).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains("exists   w1") && stdout.contains("created  w2"),
@@ -802,13 +803,13 @@ async fn a_create_stopped_half_way_still_prints_the_secret_of_what_was_created()
         .await;
     authed("POST", "/v2/webhooks")
         .and(body_partial_json(json!({"name": "account-projector"})))
-        .respond_with(ResponseTemplate::new(201).set_body_json(listed(
+        .respond_with(created(
             "w1",
             "account-projector",
             &WITH_RESOURCE,
             true,
             "s",
-        )))
+        ))
         .mount(&server)
         .await;
     authed("POST", "/v2/webhooks")
@@ -820,11 +821,7 @@ async fn a_create_stopped_half_way_still_prints_the_secret_of_what_was_created()
         )
         .mount(&server)
         .await;
-    let (code, stdout, stderr) = webhooks(
-        &server,
-        &["create", "--url", "https://example.com/webhooks/argyle"],
-    )
-    .await;
+    let (code, stdout, stderr) = webhooks(&server, &["create", "--url", HOOK_URL]).await;
     assert_eq!(code, 1);
     assert!(stdout.contains("created  w1"), "{stdout}");
     assert!(stdout.contains("ARGYLE_WEBHOOK_SECRETS="), "{stdout}");

@@ -74,7 +74,7 @@ impl Modify for QueryRoutes {
 }
 
 /// A response whose body is a problem document.
-pub fn problem(description: &str) -> utoipa::openapi::Response {
+fn problem(description: &str) -> utoipa::openapi::Response {
     ResponseBuilder::new()
         .description(description)
         .content(

@@ -140,18 +140,17 @@ async fn lead(
                 }
             }
             if api_checked {
-                let round = fetch_due(&mut conn, client, config, &mut pace, shutdown).await?;
-                if round.rate_limited {
+                let rate_limited =
+                    fetch_due(&mut conn, client, config, &mut pace, shutdown).await?;
+                if rate_limited {
                     tracing::warn!(pause = ?config.rate_limit_pause, "Argyle is rate limiting; pausing fetches");
                     paused_until = tokio::time::Instant::now() + config.rate_limit_pause;
                 }
             }
         }
-        let pending = enrichment::pending(&mut conn).await?;
+        let (pending, next_due) = enrichment::backlog(&mut conn).await?;
         metrics::gauge!("enrichment_pending").set(pending as f64);
-        let until_due = enrichment::next_due(&mut conn)
-            .await?
-            .map(|at| (at - Utc::now()).to_std().unwrap_or_default());
+        let until_due = next_due.map(|at| (at - Utc::now()).to_std().unwrap_or_default());
         let until_unpaused = paused_until.saturating_duration_since(tokio::time::Instant::now());
         let pause = until_due
             .map_or(config.poll_interval, |d| d.min(config.poll_interval))
@@ -219,42 +218,29 @@ fn classify(stored: &StoredEvent) -> Option<Scanned> {
     }
 }
 
-/// What one round of [`fetch_due`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Round {
-    /// Requests completed (fetched or recorded as not found).
-    pub completed: usize,
-    /// Argyle kept answering 429: the caller pauses every fetch.
-    pub rate_limited: bool,
-}
-
-/// Fetches every request that is due, paced by `pace`.
+/// Fetches every request that is due, paced by `pace`. True when it stopped because Argyle kept
+/// answering 429: the caller pauses every fetch.
 pub async fn fetch_due(
     conn: &mut PgConnection,
     client: &argyle::Client,
     config: &EnricherConfig,
     pace: &mut tokio::time::Interval,
     shutdown: &CancellationToken,
-) -> store::Result<Round> {
-    let mut round = Round::default();
+) -> store::Result<bool> {
     loop {
         let due = enrichment::due(conn, 32).await?;
         if due.is_empty() {
-            return Ok(round);
+            return Ok(false);
         }
         for request in due {
             tokio::select! {
-                () = shutdown.cancelled() => return Ok(round),
+                () = shutdown.cancelled() => return Ok(false),
                 _ = pace.tick() => {}
             }
             match fetch_one(conn, client, config, &request, shutdown).await? {
-                Outcome::Completed => round.completed += 1,
-                Outcome::Failed => {}
-                Outcome::RateLimited => {
-                    round.rate_limited = true;
-                    return Ok(round);
-                }
-                Outcome::Abandoned => return Ok(round),
+                Outcome::Completed | Outcome::Failed => {}
+                Outcome::RateLimited => return Ok(true),
+                Outcome::Abandoned => return Ok(false),
             }
         }
     }

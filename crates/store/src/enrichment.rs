@@ -65,16 +65,6 @@ pub async fn due(conn: &mut PgConnection, limit: i64) -> Result<Vec<Request>> {
     .await?)
 }
 
-/// When the next pending fetch falls due, if any is pending.
-pub async fn next_due(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>> {
-    Ok(sqlx::query_scalar(
-        "SELECT min(next_attempt_at) FROM enrichment_requests
-         WHERE requested_position > fetched_position",
-    )
-    .fetch_one(conn)
-    .await?)
-}
-
 /// Marks the fetch of `request` done (call in the transaction that appends its answer). Events
 /// asking after it started stay pending, due no sooner than `window` from now.
 pub async fn complete(conn: &mut PgConnection, request: &Request, window: Duration) -> Result<()> {
@@ -114,8 +104,14 @@ pub async fn failed(
 
 /// Fetches pending (asked for, not yet answered).
 pub async fn pending(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM enrichment_requests WHERE requested_position > fetched_position",
+    Ok(backlog(conn).await?.0)
+}
+
+/// Fetches pending, and when the next of them falls due (`None` if none is pending), in one query.
+pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<DateTime<Utc>>)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), min(next_attempt_at) FROM enrichment_requests
+         WHERE requested_position > fetched_position",
     )
     .fetch_one(conn)
     .await?)
@@ -123,10 +119,7 @@ pub async fn pending(conn: &mut PgConnection) -> Result<i64> {
 
 /// Tries to become the fetching enricher; the lock lives as long as this session.
 pub async fn try_lock(conn: &mut PgConnection) -> Result<bool> {
-    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(LOCK)
-        .fetch_one(conn)
-        .await?)
+    crate::try_session_lock(conn, LOCK).await
 }
 
 /// Drops the pending fetches of accounts Argyle removed: their data is gone, a fetch would 404.

@@ -39,6 +39,24 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
+/// Tries to take the session advisory lock `key` (leader, rebuild, enricher): true if this session
+/// now holds it. It lives as long as the session, or until [`unlock_session`].
+pub async fn try_session_lock(conn: &mut PgConnection, key: i64) -> Result<bool> {
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(conn)
+        .await?)
+}
+
+/// Releases the session advisory lock `key` held by this session.
+pub async fn unlock_session(conn: &mut PgConnection, key: i64) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -184,10 +184,7 @@ pub async fn replace_live_with_rebuild(conn: &mut PgConnection) -> Result<u64> {
 
 /// Tries to become the one running rebuild; the lock lives as long as this session.
 pub async fn try_lock_rebuild(conn: &mut PgConnection) -> Result<bool> {
-    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(REBUILD_LOCK)
-        .fetch_one(conn)
-        .await?)
+    crate::try_session_lock(conn, REBUILD_LOCK).await
 }
 
 /// Inserts or replaces snapshots, all in one statement.
@@ -273,28 +270,17 @@ pub async fn advance_checkpoint(
 
 /// Tries to become the writing projector; the lock lives as long as this session.
 pub async fn try_lock_leader(conn: &mut PgConnection) -> Result<bool> {
-    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(LEADER_LOCK)
-        .fetch_one(conn)
-        .await?)
+    crate::try_session_lock(conn, LEADER_LOCK).await
 }
 
 /// Gives up leadership held by this session.
 pub async fn unlock_leader(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(LEADER_LOCK)
-        .execute(conn)
-        .await?;
-    Ok(())
+    crate::unlock_session(conn, LEADER_LOCK).await
 }
 
 /// Releases the rebuild lock held by this session.
 pub async fn unlock_rebuild(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(REBUILD_LOCK)
-        .execute(conn)
-        .await?;
-    Ok(())
+    crate::unlock_session(conn, REBUILD_LOCK).await
 }
 
 /// Tells when a projection's checkpoint advances (LISTEN `checkpoint_advanced`, sent by a trigger
