@@ -469,3 +469,67 @@ async fn the_service_runs_with_the_least_privilege_role_which_cannot_change_the_
         .await
         .unwrap();
 }
+
+/// Ends every session of the API-only app (as a Postgres restart would), and waits until they are gone.
+async fn terminate_api_sessions(pool: &sqlx::PgPool) {
+    let query = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'account-projector api'";
+    sqlx::query(query).execute(pool).await.unwrap();
+    poll_until("the API's sessions are gone", || async {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'account-projector api'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        left == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queries_survive_their_connections_being_terminated() {
+    let writer = spawn_app().await;
+    let account = ACCOUNT;
+    for (_, body) in fixture_sequence() {
+        writer.deliver(&body).await;
+    }
+    writer.wait_for_projection().await;
+    let mut settings = test_settings().await;
+    settings.database_url = writer.database_url.clone();
+    settings.role = account_projector::Role::Api;
+    let app = spawn_app_with(settings).await;
+    // Several queries at once, so several connections are kept between requests.
+    let views = futures_util::future::join_all((0..6).map(|_| app.account_view(account))).await;
+    assert!(views.windows(2).all(|w| w[0] == w[1]));
+    let view = views[0].clone();
+
+    // A connection idle for more than a second is checked before use: the first query after the
+    // server's sessions ended is answered at once.
+    terminate_api_sessions(&app.pool).await;
+    // The idle time is what is under test here, not a wait for a condition.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(app.account_view(account).await, view);
+
+    // A connection in steady use is not checked: the one query that finds it dead is answered 503
+    // with Retry-After (never 500), the connection is discarded, and the next query succeeds.
+    app.account_view(account).await;
+    terminate_api_sessions(&app.pool).await;
+    let unavailable = AtomicUsize::new(0);
+    let recovered = poll_for("a query succeeds again", || async {
+        let response = app.get(&format!("/v1/accounts/{account}")).await;
+        match response.status().as_u16() {
+            200 => Some(response.json::<Value>().await.unwrap()),
+            503 => {
+                assert!(response.headers().contains_key("retry-after"));
+                unavailable.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    })
+    .await;
+    assert_eq!(recovered, view);
+    assert_eq!(unavailable.load(Ordering::SeqCst), 1);
+}

@@ -243,7 +243,11 @@ impl Application {
         }
         if role.serves_api() {
             router = router.merge(api::router(api::ApiState {
-                pool: pool.clone(),
+                // Half the pool at most, so the other roles always find connections.
+                db: store::kept::KeptConnections::new(
+                    pool.clone(),
+                    (db.max_connections / 2) as usize,
+                ),
                 tokens: Arc::new(
                     settings
                         .api_tokens

@@ -198,8 +198,9 @@ async fn page(
     query: Option<&str>,
 ) -> Result<Json<EventPage>, Problem> {
     let (after, limit) = Params::parse(query)?.page()?;
-    let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
+    let mut conn = state.db.acquire().await?;
     let records = store::log::page(&mut conn, account, after, limit + 1).await?;
+    conn.release();
     let (records, next_after) = cut_page(records, limit, |r| r.position);
     let events = records
         .into_iter()
@@ -281,7 +282,7 @@ pub(crate) async fn account_changes(
     Path(raw): Path<String>,
 ) -> Result<Json<Changes>, Problem> {
     let account = parse_id(&raw, "account_id")?;
-    let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
+    let mut conn = state.db.acquire().await?;
     let mut events = store::log::account_history(&mut conn, account, Until::End);
     let mut snapshot: Option<AccountSnapshot> = None;
     let mut changes = vec![];
@@ -302,6 +303,8 @@ pub(crate) async fn account_changes(
             });
         }
     }
+    drop(events);
+    conn.release();
     Ok(Json(Changes { changes }))
 }
 
@@ -338,8 +341,9 @@ pub(crate) async fn quarantine(
     RawQuery(query): RawQuery,
 ) -> Result<Json<QuarantinePage>, Problem> {
     let (after, limit) = Params::parse(query.as_deref())?.page()?;
-    let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
+    let mut conn = state.db.acquire().await?;
     let rows = store::quarantine::page(&mut conn, after, limit + 1).await?;
+    conn.release();
     let (rows, next_after) = cut_page(rows, limit, |r| r.position);
     let events = rows
         .into_iter()

@@ -31,7 +31,8 @@ pub use problem::Problem;
 /// What the query routes need.
 #[derive(Clone)]
 pub struct ApiState {
-    pub pool: PgPool,
+    /// Connections for the queries; kept between requests (see [`store::kept`]).
+    pub db: store::kept::KeptConnections,
     /// Accepted bearer tokens; empty means `/v1` is open.
     pub tokens: Arc<Vec<String>>,
     /// A query that takes longer is answered 503: the database is unreachable or stuck.
@@ -141,11 +142,12 @@ async fn get_account(
 ) -> Result<Json<AccountView>, Problem> {
     let account_id = parse_id(&raw, "account_id")?;
     let until = history::Params::parse(query.as_deref())?.until()?;
-    let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
+    let mut conn = state.db.acquire().await?;
     let snapshot = match until {
         None => store::snapshots::get(&mut conn, account_id).await?,
         Some(until) => history::replay(&mut conn, account_id, until).await?,
     };
+    conn.release();
     snapshot
         .map(|s| Json(s.view()))
         .ok_or_else(|| Problem::not_found(format!("no account {account_id}")))
@@ -174,12 +176,13 @@ async fn get_user_accounts(
     Path(raw): Path<String>,
 ) -> Result<Json<UserAccounts>, Problem> {
     let user_id = parse_id(&raw, "user_id")?;
-    let mut conn = state.pool.acquire().await.map_err(store::Error::from)?;
+    let mut conn = state.db.acquire().await?;
     let accounts = store::snapshots::of_user(&mut conn, user_id)
         .await?
         .iter()
         .map(|s| s.view())
         .collect();
+    conn.release();
     Ok(Json(UserAccounts { user_id, accounts }))
 }
 

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use store::PgPool;
 use store::log::{Appended, Delivery};
+use store::{PgPool, PoolConnection, Postgres};
 use tokio::sync::{mpsc, oneshot};
 
 /// Why an append did not happen.
@@ -69,13 +69,17 @@ async fn commit_loop(
     mut queue: mpsc::Receiver<Job>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
+    // The one connection the loop appends on, kept between batches: a connection handed back to
+    // the pool and taken again costs two extra round trips (sqlx pings it both ways). Dropped after
+    // an error, so the next batch starts on a fresh one.
+    let mut conn: Option<PoolConnection<Postgres>> = None;
     while queue.recv_many(&mut batch, max_batch).await > 0 {
         let (deliveries, replies): (Vec<Delivery>, Vec<_>) =
             batch.drain(..).map(|j| (j.delivery, j.reply)).unzip();
         tracing::trace!(deliveries = deliveries.len(), "committing a batch");
         metrics::histogram!("append_batch_size").record(deliveries.len() as f64);
         let started = std::time::Instant::now();
-        let outcome = append(&pool, &deliveries, dedup_window).await;
+        let outcome = append(&pool, &mut conn, &deliveries, dedup_window).await;
         metrics::histogram!("append_duration_seconds").record(started.elapsed().as_secs_f64());
         if let Ok(appended) = &outcome
             && let Some(head) = appended.iter().map(|a| a.position).max()
@@ -91,7 +95,13 @@ async fn commit_loop(
             Err(AppendError::Failed) if deliveries.len() > 1 => {
                 // One delivery the database refuses must not fail the others: retry them alone.
                 for (delivery, reply) in deliveries.into_iter().zip(replies) {
-                    let single = append(&pool, std::slice::from_ref(&delivery), dedup_window).await;
+                    let single = append(
+                        &pool,
+                        &mut conn,
+                        std::slice::from_ref(&delivery),
+                        dedup_window,
+                    )
+                    .await;
                     let _ = reply.send(single.map(|appended| appended[0]));
                 }
             }
@@ -106,14 +116,19 @@ async fn commit_loop(
 
 async fn append(
     pool: &PgPool,
+    conn: &mut Option<PoolConnection<Postgres>>,
     deliveries: &[Delivery],
     dedup_window: Duration,
 ) -> Result<Vec<Appended>, AppendError> {
     let attempt = async {
-        let mut conn = pool.acquire().await?;
-        store::log::append_in(&mut conn, deliveries, dedup_window).await
+        let held = match conn {
+            Some(held) => held,
+            None => conn.insert(pool.acquire().await?),
+        };
+        store::log::append_in(held, deliveries, dedup_window).await
     };
     attempt.await.map_err(|error: store::Error| {
+        *conn = None;
         if error.is_unavailable() {
             tracing::warn!(%error, deliveries = deliveries.len(), "append failed: database unavailable");
             AppendError::Unavailable

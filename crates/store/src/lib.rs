@@ -4,6 +4,7 @@
 //! - [`migrate`]: creates the database if missing and applies the refinery migrations in `migrations/`.
 //! - [`log`]: the append-only event log: [`log::append`], [`log::read_after`], dedup of redeliveries.
 //! - [`snapshots`]: loading and saving account snapshots, the projector checkpoint, the leader lock.
+//! - [`kept`]: connections kept between short requests, without the pool's ping on every return.
 //!
 //! # Why a reader of `position > checkpoint` never skips an event
 //! Every append runs in a transaction that first takes one transaction-level advisory lock
@@ -27,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod enrichment;
+pub mod kept;
 pub mod log;
 pub mod migrate;
 pub mod quarantine;
@@ -37,6 +39,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+pub use sqlx::pool::PoolConnection;
 pub use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 /// Tries to take the session advisory lock `key` (leader, rebuild, enricher): true if this session
@@ -140,6 +143,9 @@ impl Default for DbOptions {
     }
 }
 
+/// A pooled connection idle longer than this is pinged before it is handed out.
+pub(crate) const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 /// Parses a database URL into connect options.
 pub fn connect_options(database_url: &str) -> Result<PgConnectOptions> {
     PgConnectOptions::from_str(database_url).map_err(|e| Error::InvalidUrl(e.to_string()))
@@ -159,6 +165,17 @@ pub fn pool(database_url: &str, options: &DbOptions) -> Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(options.max_connections)
         .acquire_timeout(options.acquire_timeout)
+        // A connection in steady use is not pinged before each use (a round trip per query):
+        // only one idle for a while, which is when a restarted server may have dropped it.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > IDLE_BEFORE_PING {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(connect))
 }
 

@@ -1,0 +1,109 @@
+//! Connections kept between short requests.
+//!
+//! sqlx pings a connection every time it goes back into its pool (a round trip, and a wake-up of
+//! both processes), which on a request that runs one primary-key query is a third of the work.
+//! [`KeptConnections`] keeps a few connections out of the pool's hands between requests instead: a
+//! request that ended cleanly hands its connection back with [`Lease::release`]; one that failed or
+//! was cancelled mid-query just drops it, and the pool's own check on return decides whether it
+//! can be used again. A kept connection idle for a while is pinged before it is lent again, as the
+//! pool does, since a restarted server may have dropped it.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
+
+use crate::{IDLE_BEFORE_PING, Result};
+
+struct Kept {
+    conn: PoolConnection<Postgres>,
+    since: Instant,
+}
+
+/// A pool front that keeps up to `max_kept` connections between uses; cheap to clone.
+#[derive(Clone)]
+pub struct KeptConnections {
+    pool: PgPool,
+    kept: Arc<Mutex<Vec<Kept>>>,
+    max_kept: usize,
+}
+
+impl std::fmt::Debug for KeptConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptConnections")
+            .field("max_kept", &self.max_kept)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeptConnections {
+    /// Keeps at most `max_kept` of `pool`'s connections; the others go back to the pool.
+    pub fn new(pool: PgPool, max_kept: usize) -> Self {
+        Self {
+            pool,
+            kept: Arc::default(),
+            max_kept,
+        }
+    }
+
+    /// The most recently released kept connection, else one from the pool (same timeout).
+    pub async fn acquire(&self) -> Result<Lease> {
+        loop {
+            let kept = self
+                .kept
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let Some(mut kept) = kept else { break };
+            if kept.since.elapsed() <= IDLE_BEFORE_PING || kept.conn.ping().await.is_ok() {
+                return Ok(self.lease(kept.conn));
+            }
+        }
+        Ok(self.lease(self.pool.acquire().await?))
+    }
+
+    fn lease(&self, conn: PoolConnection<Postgres>) -> Lease {
+        Lease {
+            conn,
+            home: self.clone(),
+        }
+    }
+}
+
+/// A connection lent by [`KeptConnections`]. Dropping it returns it to the pool.
+pub struct Lease {
+    conn: PoolConnection<Postgres>,
+    home: KeptConnections,
+}
+
+impl Lease {
+    /// Hands the connection back to be kept: call it only once the last query has completed.
+    pub fn release(self) {
+        let mut kept = self
+            .home
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if kept.len() < self.home.max_kept {
+            kept.push(Kept {
+                conn: self.conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+impl Deref for Lease {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
