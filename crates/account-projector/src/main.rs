@@ -10,6 +10,11 @@ use account_projector::webhooks::{self, CreateOptions};
 use account_projector::{Application, ArgyleApi, Role, Settings, export, progress};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
+
+// Requests allocate many small short-lived buffers (rows, bodies, JSON); mimalloc serves them
+// faster than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use projector::{ProjectorConfig, rebuild};
 use store::log::ExportFilter;
 use tokio_util::sync::CancellationToken;
