@@ -15,6 +15,28 @@ use uuid::Uuid;
 
 const SECRET: &str = "bench_webhook_secret";
 
+/// Connections of the ingest run that saturates the machine.
+const SATURATION_CONNECTIONS: usize = 256;
+
+/// Busy and total CPU ticks of the whole machine so far (Linux `/proc/stat`).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: the machine's own work is user, nice,
+    // system, irq and softirq (steal is time the host took).
+    if ticks.len() < 8 {
+        return None;
+    }
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
+    Some((busy, ticks[..8].iter().sum()))
+}
+
 /// The one-run benchmark of account-projector against Postgres's own ceiling on this machine.
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -365,12 +387,65 @@ async fn main() -> anyhow::Result<()> {
             counts.deliveries,
             deliveries.len()
         );
+
+        // The same requests with a wrong signature: HTTP and the HMAC check, refused before the
+        // database, which is what ingest costs without the append.
+        let refused = send(
+            deliveries.clone(),
+            &Sending {
+                secret: "not-the-secret".into(),
+                ..sending.clone()
+            },
+        )
+        .await;
+        eprintln!("bench: refused at the signature: {}", refused.summary());
+        anyhow::ensure!(
+            refused.statuses.keys().all(|s| *s == 401),
+            "refused requests were answered {:?}",
+            refused.statuses
+        );
+
+        // Saturation: enough connections that the groups are large and the machine is busy, to
+        // measure what a delivery costs in CPU across load generator, server and Postgres.
+        let many = Arc::new(generate(&Workload {
+            accounts: 3 * ingest_workload.accounts,
+            seed: 4,
+            ..ingest_workload.clone()
+        }));
+        let before = cpu_ticks();
+        let saturated = send(
+            many.clone(),
+            &Sending {
+                connections: SATURATION_CONNECTIONS,
+                ..sending.clone()
+            },
+        )
+        .await;
+        let busy = cpu_ticks()
+            .zip(before)
+            .map(|((b1, t1), (b0, t0))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64);
+        eprintln!(
+            "bench: ingest alone at {SATURATION_CONNECTIONS} connections: {}",
+            saturated.summary()
+        );
+        anyhow::ensure!(
+            saturated.statuses.keys().all(|s| *s == 200),
+            "ingest answered {:?}",
+            saturated.statuses
+        );
+        let counts = store::log::counts(&mut *pool.acquire().await?).await?;
+        anyhow::ensure!(
+            counts.deliveries as usize == deliveries.len() + many.len(),
+            "the log holds {} deliveries, {} were acknowledged",
+            counts.deliveries,
+            deliveries.len() + many.len()
+        );
         pool.close().await;
-        anyhow::Ok(alone)
+        anyhow::Ok((alone, refused, saturated, busy))
     }
     .await;
     stop_server(&mut server);
-    let alone = alone?;
+    let (alone, refused, saturated, busy) = alone?;
     store::migrate::drop_database(&ingest_db).await?;
     rows.push(row(
         &format!("ingest alone (`--role ingest`): signed webhooks/s over HTTP, 200 after commit, {c} connections"),
@@ -383,6 +458,41 @@ async fn main() -> anyhow::Result<()> {
         Some(alone.throughput() / insert_tps),
         "≥ 1.5×",
     ));
+    rows.push(row(
+        &format!("the same requests with a wrong signature: HTTP and HMAC check only, 401 before the database, {c} connections"),
+        format!("{:.0}/s", refused.throughput()),
+        &format!("{insert_tps:.0}/s"),
+        Some(refused.throughput() / insert_tps),
+        "",
+    ));
+    rows.push(row(
+        &format!("ingest alone, {SATURATION_CONNECTIONS} connections"),
+        format!(
+            "{:.0}/s (p99 {:.1} ms)",
+            saturated.throughput(),
+            saturated.latency_ms(0.99)
+        ),
+        &format!("{insert_tps:.0}/s"),
+        Some(saturated.throughput() / insert_tps),
+        "",
+    ));
+    if let Some(busy) = busy {
+        // CPU seconds per delivery, all cores together; fully busy, the cores give no more than
+        // `cores / per_delivery` deliveries a second, whatever the log's design.
+        let per_delivery = busy * cores as f64 / saturated.throughput();
+        let ceiling = cores as f64 / per_delivery;
+        rows.push(row(
+            "CPU per delivery at that load (load generator, server and Postgres together), and the rate every core fully busy would give",
+            format!(
+                "{:.0} µs ({:.0}% busy): at most {ceiling:.0}/s",
+                per_delivery * 1e6,
+                busy * 100.0,
+            ),
+            &format!("{insert_tps:.0}/s"),
+            Some(ceiling / insert_tps),
+            "",
+        ));
+    }
 
     // 3. The service with every role, in its own process, on a fresh database.
     let service_db = url_for(&args.database_url, "account_projector_bench");
