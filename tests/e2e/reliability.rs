@@ -533,3 +533,35 @@ async fn queries_survive_their_connections_being_terminated() {
     assert_eq!(recovered, view);
     assert_eq!(unavailable.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_does_not_wait_on_connections_kept_between_requests() {
+    let mut settings = test_settings().await;
+    settings.shutdown_grace = Duration::from_millis(300);
+    settings.request_timeout = Duration::from_secs(120);
+    let app = spawn_app_with(settings).await;
+    // Connections are now kept: the committer's, and the API's between requests.
+    for (_, body) in fixture_sequence() {
+        app.deliver(&body).await;
+    }
+    app.wait_for_projection().await;
+    futures_util::future::join_all((0..4).map(|_| app.account_view(ACCOUNT))).await;
+
+    // A request that outlives the grace period: its connection keeps the routes (and with them
+    // the kept connections) alive after the server stops waiting for it.
+    let body = refinement(Uuid::new_v4(), Uuid::new_v4(), 1);
+    let head = format!(
+        "POST /webhooks/argyle HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Argyle-Signature: {}\r\nContent-Length: {}\r\n\r\n",
+        sign(&body),
+        body.len()
+    );
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..body.len() / 2]).await.unwrap();
+
+    tokio::time::timeout(Duration::from_secs(20), app.stop())
+        .await
+        .expect("the app stops without waiting for the lingering request");
+    drop(stream);
+}

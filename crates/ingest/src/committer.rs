@@ -73,7 +73,20 @@ async fn commit_loop(
     // the pool and taken again costs two extra round trips (sqlx pings it both ways). Dropped after
     // an error, so the next batch starts on a fresh one.
     let mut conn: Option<PoolConnection<Postgres>> = None;
-    while queue.recv_many(&mut batch, max_batch).await > 0 {
+    let closed = pool.close_event();
+    tokio::pin!(closed);
+    loop {
+        let received = tokio::select! {
+            received = queue.recv_many(&mut batch, max_batch) => received,
+            // Closing the pool waits for every connection: hand this one back.
+            () = &mut closed, if conn.is_some() => {
+                conn = None;
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
         let (deliveries, replies): (Vec<Delivery>, Vec<_>) =
             batch.drain(..).map(|j| (j.delivery, j.reply)).unzip();
         tracing::trace!(deliveries = deliveries.len(), "committing a batch");

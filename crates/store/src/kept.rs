@@ -39,23 +39,30 @@ impl std::fmt::Debug for KeptConnections {
 }
 
 impl KeptConnections {
-    /// Keeps at most `max_kept` of `pool`'s connections; the others go back to the pool.
+    /// Keeps at most `max_kept` of `pool`'s connections; the others go back to the pool. When the
+    /// pool closes, the kept connections go back to it, so that closing never waits on them.
     pub fn new(pool: PgPool, max_kept: usize) -> Self {
-        Self {
+        let connections = Self {
             pool,
             kept: Arc::default(),
             max_kept,
-        }
+        };
+        let closing = connections.clone();
+        tokio::spawn(async move {
+            closing.pool.close_event().await;
+            closing.lock().clear();
+        });
+        connections
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
+        self.kept.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The most recently released kept connection, else one from the pool (same timeout).
     pub async fn acquire(&self) -> Result<Lease> {
         loop {
-            let kept = self
-                .kept
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
+            let kept = self.lock().pop();
             let Some(mut kept) = kept else { break };
             if kept.since.elapsed() <= IDLE_BEFORE_PING || kept.conn.ping().await.is_ok() {
                 return Ok(self.lease(kept.conn));
@@ -81,12 +88,9 @@ pub struct Lease {
 impl Lease {
     /// Hands the connection back to be kept: call it only once the last query has completed.
     pub fn release(self) {
-        let mut kept = self
-            .home
-            .kept
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if kept.len() < self.home.max_kept {
+        let mut kept = self.home.lock();
+        // Checked under the lock that clearing at close takes too: nothing is kept after it.
+        if kept.len() < self.home.max_kept && !self.home.pool.is_closed() {
             kept.push(Kept {
                 conn: self.conn,
                 since: Instant::now(),
