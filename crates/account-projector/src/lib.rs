@@ -243,10 +243,12 @@ impl Application {
         }
         if role.serves_api() {
             router = router.merge(api::router(api::ApiState {
-                // Half the pool at most, so the other roles always find connections.
+                // Up to half of what the committer and the listeners of the projector and the
+                // enricher leave (each holds one for good), so the other roles, `/readyz` and
+                // requests beyond the kept ones always find connections.
                 db: store::kept::KeptConnections::new(
                     pool.clone(),
-                    (db.max_connections / 2) as usize,
+                    (db.max_connections.saturating_sub(3) / 2) as usize,
                 ),
                 tokens: Arc::new(
                     settings

@@ -6,7 +6,7 @@
 //! arrived during the previous commit. Appends are serialised by the log's lock anyway, so sharing
 //! a commit is how throughput rises above one WAL flush per delivery.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use store::log::{Appended, Delivery};
 use store::{PgPool, PoolConnection, Postgres};
@@ -72,7 +72,7 @@ async fn commit_loop(
     // The one connection the loop appends on, kept between batches: a connection handed back to
     // the pool and taken again costs two extra round trips (sqlx pings it both ways). Dropped after
     // an error, so the next batch starts on a fresh one.
-    let mut conn: Option<PoolConnection<Postgres>> = None;
+    let mut conn: Option<(PoolConnection<Postgres>, Instant)> = None;
     let closed = pool.close_event();
     tokio::pin!(closed);
     loop {
@@ -129,16 +129,26 @@ async fn commit_loop(
 
 async fn append(
     pool: &PgPool,
-    conn: &mut Option<PoolConnection<Postgres>>,
+    conn: &mut Option<(PoolConnection<Postgres>, Instant)>,
     deliveries: &[Delivery],
     dedup_window: Duration,
 ) -> Result<Vec<Appended>, AppendError> {
     let attempt = async {
-        let held = match conn {
+        // Checked before use after a pause, as the pool checks its own: a restarted server may
+        // have dropped it. A dead one is replaced before anything is sent.
+        if let Some((held, used)) = conn.as_mut()
+            && used.elapsed() > store::IDLE_BEFORE_PING
+            && store::ping(held).await.is_err()
+        {
+            *conn = None;
+        }
+        let (held, used) = match conn {
             Some(held) => held,
-            None => conn.insert(pool.acquire().await?),
+            None => conn.insert((pool.acquire().await?, Instant::now())),
         };
-        store::log::append_in(held, deliveries, dedup_window).await
+        let appended = store::log::append_in(held, deliveries, dedup_window).await;
+        *used = Instant::now();
+        appended
     };
     attempt.await.map_err(|error: store::Error| {
         *conn = None;

@@ -144,7 +144,12 @@ impl Default for DbOptions {
 }
 
 /// A pooled connection idle longer than this is pinged before it is handed out.
-pub(crate) const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+pub const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
+/// A round trip that only checks the connection is alive.
+pub async fn ping(conn: &mut PgConnection) -> Result<()> {
+    Ok(sqlx::Connection::ping(conn).await?)
+}
 
 /// Parses a database URL into connect options.
 pub fn connect_options(database_url: &str) -> Result<PgConnectOptions> {
