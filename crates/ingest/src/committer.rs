@@ -6,10 +6,11 @@
 //! arrived during the previous commit. Appends are serialised by the log's lock anyway, so sharing
 //! a commit is how throughput rises above one WAL flush per delivery.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use store::PgPool;
+use store::kept::KeptConnections;
 use store::log::{Appended, Delivery};
-use store::{PgPool, PoolConnection, Postgres};
 use tokio::sync::{mpsc, oneshot};
 
 /// Why an append did not happen.
@@ -69,21 +70,11 @@ async fn commit_loop(
     mut queue: mpsc::Receiver<Job>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
-    // The one connection the loop appends on, kept between batches: a connection handed back to
-    // the pool and taken again costs two extra round trips (sqlx pings it both ways). Dropped after
-    // an error, so the next batch starts on a fresh one.
-    let mut conn: Option<(PoolConnection<Postgres>, Instant)> = None;
-    let closed = pool.close_event();
-    tokio::pin!(closed);
+    // The one connection the loop appends on is kept between batches: one handed back to the pool
+    // and taken again costs two extra round trips (sqlx pings it both ways).
+    let connections = KeptConnections::new(pool, 1);
     loop {
-        let received = tokio::select! {
-            received = queue.recv_many(&mut batch, max_batch) => received,
-            // Closing the pool waits for every connection: hand this one back.
-            () = &mut closed, if conn.is_some() => {
-                conn = None;
-                continue;
-            }
-        };
+        let received = queue.recv_many(&mut batch, max_batch).await;
         if received == 0 {
             break;
         }
@@ -92,7 +83,7 @@ async fn commit_loop(
         tracing::trace!(deliveries = deliveries.len(), "committing a batch");
         metrics::histogram!("append_batch_size").record(deliveries.len() as f64);
         let started = std::time::Instant::now();
-        let outcome = append(&pool, &mut conn, &deliveries, dedup_window).await;
+        let outcome = append(&connections, &deliveries, dedup_window).await;
         metrics::histogram!("append_duration_seconds").record(started.elapsed().as_secs_f64());
         if let Ok(appended) = &outcome
             && let Some(head) = appended.iter().map(|a| a.position).max()
@@ -108,13 +99,8 @@ async fn commit_loop(
             Err(AppendError::Failed) if deliveries.len() > 1 => {
                 // One delivery the database refuses must not fail the others: retry them alone.
                 for (delivery, reply) in deliveries.into_iter().zip(replies) {
-                    let single = append(
-                        &pool,
-                        &mut conn,
-                        std::slice::from_ref(&delivery),
-                        dedup_window,
-                    )
-                    .await;
+                    let single =
+                        append(&connections, std::slice::from_ref(&delivery), dedup_window).await;
                     let _ = reply.send(single.map(|appended| appended[0]));
                 }
             }
@@ -128,30 +114,17 @@ async fn commit_loop(
 }
 
 async fn append(
-    pool: &PgPool,
-    conn: &mut Option<(PoolConnection<Postgres>, Instant)>,
+    connections: &KeptConnections,
     deliveries: &[Delivery],
     dedup_window: Duration,
 ) -> Result<Vec<Appended>, AppendError> {
     let attempt = async {
-        // Checked before use after a pause, as the pool checks its own: a restarted server may
-        // have dropped it. A dead one is replaced before anything is sent.
-        if let Some((held, used)) = conn.as_mut()
-            && used.elapsed() > store::IDLE_BEFORE_PING
-            && store::ping(held).await.is_err()
-        {
-            *conn = None;
-        }
-        let (held, used) = match conn {
-            Some(held) => held,
-            None => conn.insert((pool.acquire().await?, Instant::now())),
-        };
-        let appended = store::log::append_in(held, deliveries, dedup_window).await;
-        *used = Instant::now();
-        appended
+        let mut conn = connections.acquire().await?;
+        let appended = store::log::append_in(&mut conn, deliveries, dedup_window).await?;
+        conn.release();
+        Ok(appended)
     };
     attempt.await.map_err(|error: store::Error| {
-        *conn = None;
         if error.is_unavailable() {
             tracing::warn!(%error, deliveries = deliveries.len(), "append failed: database unavailable");
             AppendError::Unavailable

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, PgConnection, PgPool, Postgres};
+use sqlx::{PgConnection, PgPool, Postgres};
 
-use crate::{IDLE_BEFORE_PING, Result};
+use crate::{Result, usable_after};
 
 struct Kept {
     conn: PoolConnection<Postgres>,
@@ -64,7 +64,7 @@ impl KeptConnections {
         loop {
             let kept = self.lock().pop();
             let Some(mut kept) = kept else { break };
-            if kept.since.elapsed() <= IDLE_BEFORE_PING || kept.conn.ping().await.is_ok() {
+            if usable_after(&mut kept.conn, kept.since.elapsed()).await {
                 return Ok(self.lease(kept.conn));
             }
         }

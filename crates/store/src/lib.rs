@@ -39,7 +39,6 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-pub use sqlx::pool::PoolConnection;
 pub use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 /// Tries to take the session advisory lock `key` (leader, rebuild, enricher): true if this session
@@ -144,11 +143,12 @@ impl Default for DbOptions {
 }
 
 /// A pooled connection idle longer than this is pinged before it is handed out.
-pub const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
-/// A round trip that only checks the connection is alive.
-pub async fn ping(conn: &mut PgConnection) -> Result<()> {
-    Ok(sqlx::Connection::ping(conn).await?)
+/// Whether a connection idle for `idle` may be used: yes if it was used within
+/// [`IDLE_BEFORE_PING`], else if it answers a ping (a restarted server may have dropped it).
+pub(crate) async fn usable_after(conn: &mut PgConnection, idle: Duration) -> bool {
+    idle <= IDLE_BEFORE_PING || sqlx::Connection::ping(conn).await.is_ok()
 }
 
 /// Parses a database URL into connect options.
@@ -174,12 +174,7 @@ pub fn pool(database_url: &str, options: &DbOptions) -> Result<PgPool> {
         // only one idle for a while, which is when a restarted server may have dropped it.
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for > IDLE_BEFORE_PING {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
-            })
+            Box::pin(async move { Ok(usable_after(conn, meta.idle_for).await) })
         })
         .connect_lazy_with(connect))
 }
