@@ -260,3 +260,184 @@ async fn group_commit_keeps_dedup_and_order_for_simultaneous_deliveries() {
     );
     Arc::into_inner(app).unwrap().stop().await;
 }
+
+/// How many of the reader's queries wait on a lock (the reader test's pool names its sessions).
+async fn reads_waiting_on_a_lock(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'reader test'
+           AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Takes an exclusive lock on the snapshot table in a transaction of its own, held until the
+/// returned sender fires or is dropped, so reads queue behind it. Returns at once: the caller
+/// polls for the lock being held or queued.
+async fn lock_snapshots(pool: &sqlx::PgPool) -> tokio::sync::oneshot::Sender<()> {
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let mut conn = pool.acquire().await.unwrap().detach();
+    tokio::spawn(async move {
+        let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+        sqlx::query("LOCK TABLE account_snapshots IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let _ = released.await;
+        tx.commit().await.unwrap();
+    });
+    release
+}
+
+async fn lock_holders(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+         WHERE c.relname = 'account_snapshots' AND l.mode = 'AccessExclusiveLock'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn snapshot_reader(app: &TestApp) -> api::reader::SnapshotReader {
+    let options = store::DbOptions {
+        application_name: "reader test".into(),
+        ..store::DbOptions::default()
+    };
+    let pool = store::pool(&app.database_url, &options).unwrap();
+    api::reader::SnapshotReader::start(store::kept::KeptConnections::new(pool, 1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lookups_queued_during_a_read_share_the_next_and_each_gets_its_own_account() {
+    let app = spawn_app().await;
+    let accounts: Vec<Uuid> = (0..7).map(|_| Uuid::new_v4()).collect();
+    for (i, account) in accounts.iter().enumerate() {
+        app.deliver(&refinement(*account, Uuid::new_v4(), i as u32))
+            .await;
+    }
+    app.wait_for_projection().await;
+    let reader = snapshot_reader(&app);
+    // One read first, so the statement is prepared: a read is then one lock acquisition, not two
+    // (preparing takes the table lock on its own, and a lock queued meanwhile would slip between).
+    assert!(reader.get(accounts[0]).await.unwrap().is_some());
+
+    // The first lookup's read waits behind a lock...
+    let first_lock = lock_snapshots(&app.pool).await;
+    poll_until("the lock is held", || async {
+        lock_holders(&app.pool).await == 1
+    })
+    .await;
+    let first = tokio::spawn({
+        let reader = reader.clone();
+        let account = accounts[0];
+        async move { reader.get(account).await }
+    });
+    poll_until("the first read waits", || async {
+        reads_waiting_on_a_lock(&app.pool).await == 1
+    })
+    .await;
+    // ...while more lookups queue: every other account, one of them twice, and one unknown.
+    let unknown = Uuid::new_v4();
+    let mut wanted: Vec<Uuid> = accounts[1..].to_vec();
+    wanted.push(accounts[1]);
+    wanted.push(unknown);
+    let queued: Vec<_> = wanted
+        .iter()
+        .map(|&account| {
+            let reader = reader.clone();
+            tokio::spawn(async move { (account, reader.get(account).await) })
+        })
+        .collect();
+    poll_until("every lookup is queued", || async {
+        reader.pending() == wanted.len()
+    })
+    .await;
+    // A second lock, queued behind the first read, holds the next read once it starts.
+    let second_lock = lock_snapshots(&app.pool).await;
+    poll_until("the second lock is queued", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+             WHERE c.relname = 'account_snapshots' AND NOT l.granted",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+            == 2
+    })
+    .await;
+    drop(first_lock);
+    let answer = first.await.unwrap().unwrap().expect("the account exists");
+    assert_eq!(answer.account_id, accounts[0]);
+
+    // The queued lookups all left the queue for one read, which now waits: none is answered yet.
+    poll_until("the next read waits", || async {
+        reader.pending() == 0 && reads_waiting_on_a_lock(&app.pool).await == 1
+    })
+    .await;
+    assert!(queued.iter().all(|task| !task.is_finished()));
+    drop(second_lock);
+    for task in queued {
+        let (account, answer) = task.await.unwrap();
+        let answer = answer.unwrap();
+        if account == unknown {
+            assert!(answer.is_none());
+        } else {
+            assert_eq!(answer.expect("the account exists").account_id, account);
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_read_answers_its_lookups_503_and_the_next_read_is_served() {
+    let app = spawn_app().await;
+    let account = Uuid::new_v4();
+    app.deliver(&refinement(account, Uuid::new_v4(), 1)).await;
+    app.wait_for_projection().await;
+    let reader = snapshot_reader(&app);
+
+    let lock = lock_snapshots(&app.pool).await;
+    poll_until("the lock is held", || async {
+        lock_holders(&app.pool).await == 1
+    })
+    .await;
+    let doomed = tokio::spawn({
+        let reader = reader.clone();
+        async move { reader.get(account).await }
+    });
+    poll_until("the read waits", || async {
+        reads_waiting_on_a_lock(&app.pool).await == 1
+    })
+    .await;
+    let later: Vec<_> = (0..3)
+        .map(|_| {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.get(account).await })
+        })
+        .collect();
+    poll_until("the later lookups are queued", || async {
+        reader.pending() == 3
+    })
+    .await;
+    // The session of the waiting read ends under it.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'reader test'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let problem = doomed.await.unwrap().expect_err("the read failed");
+    assert_eq!(problem.status, 503);
+    assert!(problem.retry_after.is_some());
+
+    drop(lock);
+    for task in later {
+        let answer = task.await.unwrap().expect("served by the next read");
+        assert_eq!(answer.expect("the account exists").account_id, account);
+    }
+    app.stop().await;
+}

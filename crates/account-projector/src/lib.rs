@@ -242,14 +242,16 @@ impl Application {
             }));
         }
         if role.serves_api() {
+            // Up to half of what the committer and the listeners of the projector and the
+            // enricher leave (each holds one for good), so the other roles, `/readyz` and
+            // requests beyond the kept ones always find connections.
+            let kept = store::kept::KeptConnections::new(
+                pool.clone(),
+                (db.max_connections.saturating_sub(3) / 2) as usize,
+            );
             router = router.merge(api::router(api::ApiState {
-                // Up to half of what the committer and the listeners of the projector and the
-                // enricher leave (each holds one for good), so the other roles, `/readyz` and
-                // requests beyond the kept ones always find connections.
-                db: store::kept::KeptConnections::new(
-                    pool.clone(),
-                    (db.max_connections.saturating_sub(3) / 2) as usize,
-                ),
+                snapshots: api::reader::SnapshotReader::start(kept.clone()),
+                db: kept,
                 tokens: Arc::new(
                     settings
                         .api_tokens

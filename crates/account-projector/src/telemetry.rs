@@ -45,6 +45,12 @@ pub fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHa
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full("projector_batch_events".into()), &sizes)
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("snapshot_read_batch_size".into()),
+                        &sizes,
+                    )
+                })
                 .ok()?
                 .install_recorder()
                 .ok()?;
@@ -88,6 +94,10 @@ fn describe() {
         "Age of the newest folded event when its batch committed"
     );
     describe_histogram!("projector_batch_events", "Events per projector batch");
+    describe_histogram!(
+        "snapshot_read_batch_size",
+        "Current-snapshot lookups of the query API sharing one read"
+    );
     describe_counter!(
         "snapshot_writes_total",
         "Snapshot rows written by the projector"

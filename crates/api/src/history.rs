@@ -1,6 +1,7 @@
 //! The audit routes: what Argyle told us, when, and what it changed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
@@ -222,7 +223,7 @@ async fn page(
     )
 )]
 pub(crate) async fn account_events(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(raw): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<EventPage>, Problem> {
@@ -243,7 +244,7 @@ pub(crate) async fn account_events(
     )
 )]
 pub(crate) async fn all_events(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<EventPage>, Problem> {
     page(&state, None, query.as_deref()).await
@@ -278,7 +279,7 @@ pub(crate) struct Changes {
     )
 )]
 pub(crate) async fn account_changes(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(raw): Path<String>,
 ) -> Result<Json<Changes>, Problem> {
     let account = parse_id(&raw, "account_id")?;
@@ -337,7 +338,7 @@ pub(crate) struct QuarantinePage {
     )
 )]
 pub(crate) async fn quarantine(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<QuarantinePage>, Problem> {
     let (after, limit) = Params::parse(query.as_deref())?.page()?;

@@ -11,6 +11,7 @@
 mod history;
 pub mod openapi;
 pub mod problem;
+pub mod reader;
 
 use std::sync::Arc;
 
@@ -33,6 +34,8 @@ pub use problem::Problem;
 pub struct ApiState {
     /// Connections for the queries; kept between requests (see [`store::kept`]).
     pub db: store::kept::KeptConnections,
+    /// Current-snapshot lookups, shared between concurrent requests (see [`reader`]).
+    pub snapshots: reader::SnapshotReader,
     /// Accepted bearer tokens; empty means `/v1` is open.
     pub tokens: Arc<Vec<String>>,
     /// A query that takes longer is answered 503: the database is unreachable or stuck.
@@ -41,6 +44,8 @@ pub struct ApiState {
 
 /// `/v1` query routes.
 pub fn router(state: ApiState) -> Router {
+    // Shared behind one pointer: every extractor and middleware takes its own copy per request.
+    let state = Arc::new(state);
     Router::new()
         .route("/v1/accounts/{account_id}", get(get_account))
         .route(
@@ -55,10 +60,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/quarantine", get(history::quarantine))
         .route("/v1/users/{user_id}/accounts", get(get_user_accounts))
         .route_layer(middleware::from_fn_with_state(
-            state.clone(),
+            Arc::clone(&state),
             database_deadline,
         ))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ))
         .with_state(state)
 }
 
@@ -70,7 +78,11 @@ pub fn health_router(pool: PgPool) -> Router {
         .with_state(pool)
 }
 
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     if state.tokens.is_empty() {
         return next.run(request).await;
     }
@@ -98,7 +110,7 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
 
 /// Query routes read no body, so their time is database time: past the deadline, answer 503.
 async fn database_deadline(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -136,18 +148,21 @@ pub(crate) fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
     )
 )]
 async fn get_account(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(raw): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<AccountView>, Problem> {
     let account_id = parse_id(&raw, "account_id")?;
     let until = history::Params::parse(query.as_deref())?.until()?;
-    let mut conn = state.db.acquire().await?;
     let snapshot = match until {
-        None => store::snapshots::get(&mut conn, account_id).await?,
-        Some(until) => history::replay(&mut conn, account_id, until).await?,
+        None => state.snapshots.get(account_id).await?,
+        Some(until) => {
+            let mut conn = state.db.acquire().await?;
+            let snapshot = history::replay(&mut conn, account_id, until).await?;
+            conn.release();
+            snapshot
+        }
     };
-    conn.release();
     snapshot
         .map(|s| Json(s.view()))
         .ok_or_else(|| Problem::not_found(format!("no account {account_id}")))
@@ -172,7 +187,7 @@ pub(crate) struct UserAccounts {
     )
 )]
 async fn get_user_accounts(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(raw): Path<String>,
 ) -> Result<Json<UserAccounts>, Problem> {
     let user_id = parse_id(&raw, "user_id")?;

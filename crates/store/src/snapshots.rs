@@ -72,16 +72,24 @@ impl From<SnapshotRow> for AccountSnapshot {
 const SNAPSHOT_COLUMNS: &str = "account_id, user_id, status, connection_status, resource::text AS resource, version, \
      last_position, last_event, first_seen_at, last_event_at, removed_at";
 
-/// The snapshot of one account.
-#[tracing::instrument(skip(conn))]
-pub async fn get(conn: &mut PgConnection, account_id: Uuid) -> Result<Option<AccountSnapshot>> {
-    let row: Option<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE account_id = $1"
+/// The live snapshots of the given accounts, for the query API (missing ones are simply absent).
+///
+/// A prepared statement, like every other query of the API: the query API runs it for each group
+/// of concurrent lookups, so planning it every time would cost more than the lookup itself. (The
+/// projector's [`get_many`] plans every time for the reason given there; a plan cached here is
+/// replanned whenever the table's statistics change, as after each autovacuum ANALYZE.)
+#[tracing::instrument(skip_all, fields(accounts = account_ids.len()))]
+pub async fn current(
+    conn: &mut PgConnection,
+    account_ids: &[Uuid],
+) -> Result<Vec<AccountSnapshot>> {
+    let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE account_id = ANY($1)"
     )))
-    .bind(account_id)
-    .fetch_optional(conn)
+    .bind(account_ids)
+    .fetch_all(conn)
     .await?;
-    Ok(row.map(Into::into))
+    Ok(rows.into_iter().map(Into::into).collect())
 }
 
 /// The snapshots of several accounts (missing ones are simply absent).
