@@ -15,6 +15,9 @@ use uuid::Uuid;
 
 const SECRET: &str = "bench_webhook_secret";
 
+/// The servers' logs (warnings and errors), appended to by every run.
+const SERVER_LOG: &str = "target/bench-server.log";
+
 /// Connections of the ingest run that saturates the machine.
 const SATURATION_CONNECTIONS: usize = 256;
 
@@ -35,6 +38,14 @@ fn cpu_ticks() -> Option<(u64, u64)> {
     }
     let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
     Some((busy, ticks[..8].iter().sum()))
+}
+
+/// CPU ticks this process (the load generator) has used so far, user and system (Linux `/proc`).
+fn own_cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // After the command name in parentheses: state is field 3, utime and stime fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// The one-run benchmark of account-projector against Postgres's own ceiling on this machine.
@@ -219,9 +230,20 @@ fn start_server(
         .env("DATABASE_MAX_CONNECTIONS", "32")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
+        .stderr(server_log()?)
         .spawn()
         .with_context(|| format!("could not start {binary} (cargo build --release first)"))?;
     Ok((server, format!("http://127.0.0.1:{port}")))
+}
+
+/// Where the servers' logs go (appended): [`SERVER_LOG`]. The run with a wrong signature alone
+/// logs a warning per request, which would bury the table.
+fn server_log() -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(SERVER_LOG)
+        .with_context(|| format!("could not open {SERVER_LOG}"))
 }
 
 /// SIGTERM, then wait for the exit.
@@ -299,7 +321,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(0);
     let payload = std::fs::read("tests/fixtures/argyle/05_accounts.updated.json")
         .context("run from the repository root")?;
-    eprintln!("bench: {cores} cores; {version}");
+    eprintln!("bench: {cores} cores; {version}; server logs in {SERVER_LOG}");
 
     // 1. Postgres's own ceiling with the same payload and concurrency.
     let baseline_db = url_for(&args.database_url, "account_projector_bench_baseline");
@@ -412,7 +434,7 @@ async fn main() -> anyhow::Result<()> {
             seed: 4,
             ..ingest_workload.clone()
         }));
-        let before = cpu_ticks();
+        let before = cpu_ticks().zip(own_cpu_ticks());
         let saturated = send(
             many.clone(),
             &Sending {
@@ -421,9 +443,13 @@ async fn main() -> anyhow::Result<()> {
             },
         )
         .await;
-        let busy = cpu_ticks()
-            .zip(before)
-            .map(|((b1, t1), (b0, t0))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64);
+        // Shares of the machine: busy in all, and busy in this process (the load generator).
+        let busy = cpu_ticks().zip(own_cpu_ticks()).zip(before).map(
+            |(((b1, t1), own1), ((b0, t0), own0))| {
+                let total = (t1 - t0).max(1) as f64;
+                ((b1 - b0) as f64 / total, (own1 - own0) as f64 / total)
+            },
+        );
         eprintln!(
             "bench: ingest alone at {SATURATION_CONNECTIONS} connections: {}",
             saturated.summary()
@@ -476,17 +502,21 @@ async fn main() -> anyhow::Result<()> {
         Some(saturated.throughput() / insert_tps),
         "",
     ));
-    if let Some(busy) = busy {
-        // CPU seconds per delivery, all cores together; fully busy, the cores give no more than
-        // `cores / per_delivery` deliveries a second, whatever the log's design.
+    if let Some((busy, client)) = busy {
+        // CPU seconds per delivery, all cores together. Without the load generator's share (as if
+        // the client cost nothing), fully busy cores give server and Postgres no more than
+        // `cores / served` deliveries a second, whatever the log's design.
         let per_delivery = busy * cores as f64 / saturated.throughput();
-        let ceiling = cores as f64 / per_delivery;
+        let client_share = client * cores as f64 / saturated.throughput();
+        let served = per_delivery - client_share;
+        let ceiling = cores as f64 / served;
         rows.push(row(
-            "CPU per delivery at that load (load generator, server and Postgres together), and the rate every core fully busy would give",
+            "CPU per delivery at that load: all processes, of which the load generator; the rate server and Postgres alone would give with every core busy and a client that cost nothing",
             format!(
-                "{:.0} µs ({:.0}% busy): at most {ceiling:.0}/s",
+                "{:.0} µs ({:.0}% busy), {:.0} µs load generator: at most {ceiling:.0}/s",
                 per_delivery * 1e6,
                 busy * 100.0,
+                client_share * 1e6,
             ),
             &format!("{insert_tps:.0}/s"),
             Some(ceiling / insert_tps),
@@ -639,13 +669,26 @@ async fn main() -> anyhow::Result<()> {
                 }
             })
         };
+        let before = cpu_ticks().zip(own_cpu_ticks());
         let flat: Report = get(select_tps as usize * s as usize / 2, None).await;
+        // The load generator's share of the machine while it ran.
+        let client_share = cpu_ticks()
+            .zip(own_cpu_ticks())
+            .zip(before)
+            .map(|(((_, t1), own1), ((_, t0), own0))| {
+                (own1 - own0) as f64 / (t1 - t0).max(1) as f64
+            });
         eprintln!("bench: GET flat out: {}", flat.summary());
         let fixed: Report = get(1000 * s as usize, Some(1000.0)).await;
         eprintln!("bench: GET at 1,000/s: {}", fixed.summary());
         rows.push(row(
-            &format!("GET /v1/accounts/{{id}}, {c} connections"),
-            format!("{:.0}/s", flat.throughput()),
+            &format!(
+                "GET /v1/accounts/{{id}}, {c} connections (the Rust load generator; its share of the machine's CPU)"
+            ),
+            match client_share {
+                Some(share) => format!("{:.0}/s ({:.0}%)", flat.throughput(), share * 100.0),
+                None => format!("{:.0}/s", flat.throughput()),
+            },
             &format!("{select_tps:.0}/s"),
             Some(flat.throughput() / select_tps),
             "≥ 0.7×",
