@@ -114,7 +114,7 @@ async fn readyz_fails_while_migrations_are_pending() {
 }
 
 #[tokio::test]
-async fn metrics_count_webhooks_by_outcome_and_show_the_projection() {
+async fn metrics_count_webhooks_by_outcome_and_show_the_projection_and_reads() {
     let app = spawn_app().await;
     let body = fixture("01_accounts.added.json");
     app.deliver(&body).await;
@@ -129,6 +129,7 @@ async fn metrics_count_webhooks_by_outcome_and_show_the_projection() {
         .unwrap();
     assert_eq!(unsigned.status(), 401);
     app.wait_for_projection().await;
+    app.account_view(ACCOUNT).await;
     // The projector publishes its gauges after a batch; the checkpoint gauge may lag one poll.
     let text = poll_for("metrics show the projection", || async {
         let response = app.get("/metrics").await;
@@ -155,6 +156,7 @@ async fn metrics_count_webhooks_by_outcome_and_show_the_projection() {
         "projector_lag_seconds",
         "projector_batch_events_bucket",
         "snapshot_writes_total",
+        "snapshot_read_batch_size_bucket",
         "projector_leader",
         "# HELP webhooks_total",
     ] {
