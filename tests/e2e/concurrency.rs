@@ -294,20 +294,21 @@ async fn lock_snapshots(pool: &sqlx::PgPool) -> tokio::sync::oneshot::Sender<()>
 async fn lock_holders(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-         WHERE c.relname = 'account_snapshots' AND l.mode = 'AccessExclusiveLock'",
+         WHERE c.relname = 'account_snapshots' AND l.mode = 'AccessExclusiveLock'
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .fetch_one(pool)
     .await
     .unwrap()
 }
 
-fn snapshot_reader(app: &TestApp) -> api::reader::SnapshotReader {
+fn snapshot_reader(app: &TestApp, timeout: Duration) -> api::reader::SnapshotReader {
     let options = store::DbOptions {
         application_name: "reader test".into(),
         ..store::DbOptions::default()
     };
     let pool = store::pool(&app.database_url, &options).unwrap();
-    api::reader::SnapshotReader::start(store::kept::KeptConnections::new(pool, 1))
+    api::reader::SnapshotReader::start(store::kept::KeptConnections::new(pool, 1), timeout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -319,7 +320,7 @@ async fn lookups_queued_during_a_read_share_the_next_and_each_gets_its_own_accou
             .await;
     }
     app.wait_for_projection().await;
-    let reader = snapshot_reader(&app);
+    let reader = snapshot_reader(&app, Duration::from_secs(20));
     // One read first, so the statement is prepared: a read is then one lock acquisition, not two
     // (preparing takes the table lock on its own, and a lock queued meanwhile would slip between).
     assert!(reader.get(accounts[0]).await.unwrap().is_some());
@@ -360,7 +361,8 @@ async fn lookups_queued_during_a_read_share_the_next_and_each_gets_its_own_accou
     poll_until("the second lock is queued", || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-             WHERE c.relname = 'account_snapshots' AND NOT l.granted",
+             WHERE c.relname = 'account_snapshots' AND NOT l.granted
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .fetch_one(&app.pool)
         .await
@@ -397,7 +399,7 @@ async fn a_failed_read_answers_its_lookups_503_and_the_next_read_is_served() {
     let account = Uuid::new_v4();
     app.deliver(&refinement(account, Uuid::new_v4(), 1)).await;
     app.wait_for_projection().await;
-    let reader = snapshot_reader(&app);
+    let reader = snapshot_reader(&app, Duration::from_secs(20));
 
     let lock = lock_snapshots(&app.pool).await;
     poll_until("the lock is held", || async {
@@ -439,5 +441,33 @@ async fn a_failed_read_answers_its_lookups_503_and_the_next_read_is_served() {
         let answer = task.await.unwrap().expect("served by the next read");
         assert_eq!(answer.expect("the account exists").account_id, account);
     }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_stuck_past_the_database_timeout_answers_503_and_the_reader_goes_on() {
+    let app = spawn_app().await;
+    let account = Uuid::new_v4();
+    app.deliver(&refinement(account, Uuid::new_v4(), 1)).await;
+    app.wait_for_projection().await;
+    let reader = snapshot_reader(&app, Duration::from_millis(300));
+    assert!(reader.get(account).await.unwrap().is_some());
+
+    // A read that cannot finish (it waits on a lock) is given up after the timeout: 503.
+    let lock = lock_snapshots(&app.pool).await;
+    poll_until("the lock is held", || async {
+        lock_holders(&app.pool).await == 1
+    })
+    .await;
+    // (Postgres would cancel the statement only after its own statement_timeout, 10 s.)
+    let problem = tokio::time::timeout(Duration::from_secs(5), reader.get(account))
+        .await
+        .expect("the reader gives up on its own")
+        .expect_err("the read is stuck");
+    assert_eq!(problem.status, 503);
+    assert!(problem.retry_after.is_some());
+    drop(lock);
+    let answer = reader.get(account).await.expect("the next read is served");
+    assert_eq!(answer.expect("the account exists").account_id, account);
     app.stop().await;
 }

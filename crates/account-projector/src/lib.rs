@@ -250,7 +250,10 @@ impl Application {
                 (db.max_connections.saturating_sub(3) / 2) as usize,
             );
             router = router.merge(api::router(api::ApiState {
-                snapshots: api::reader::SnapshotReader::start(kept.clone()),
+                snapshots: api::reader::SnapshotReader::start(
+                    kept.clone(),
+                    settings.database_timeout,
+                ),
                 db: kept,
                 tokens: Arc::new(
                     settings

@@ -11,6 +11,7 @@
 //! would.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use domain::AccountSnapshot;
 use store::kept::KeptConnections;
@@ -34,10 +35,12 @@ pub struct SnapshotReader {
 }
 
 impl SnapshotReader {
-    /// Starts the reading task, which reads through `db`.
-    pub fn start(db: KeptConnections) -> Self {
+    /// Starts the reading task, which reads through `db`. A read not done within `timeout`
+    /// (connection included) is abandoned and its lookups are answered 503, so one stuck
+    /// connection cannot hold up every later lookup.
+    pub fn start(db: KeptConnections, timeout: Duration) -> Self {
         let (lookups, queue) = mpsc::channel(MAX_READ_BATCH * 8);
-        tokio::spawn(read_loop(db, queue));
+        tokio::spawn(read_loop(db, timeout, queue));
         Self { lookups }
     }
 
@@ -57,7 +60,7 @@ impl SnapshotReader {
     }
 }
 
-async fn read_loop(db: KeptConnections, mut queue: mpsc::Receiver<Lookup>) {
+async fn read_loop(db: KeptConnections, timeout: Duration, mut queue: mpsc::Receiver<Lookup>) {
     let mut batch = Vec::with_capacity(MAX_READ_BATCH);
     while queue.recv_many(&mut batch, MAX_READ_BATCH).await > 0 {
         // A request cancelled while queued (its client went away) needs no read.
@@ -67,16 +70,21 @@ async fn read_loop(db: KeptConnections, mut queue: mpsc::Receiver<Lookup>) {
         }
         metrics::histogram!("snapshot_read_batch_size").record(batch.len() as f64);
         let ids: Vec<Uuid> = batch.iter().map(|lookup| lookup.account_id).collect();
-        match read(&db, &ids).await {
+        // On timeout the read's connection is dropped mid-query, never kept for the next read.
+        let outcome = tokio::time::timeout(timeout, read(&db, &ids))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(?timeout, lookups = ids.len(), "reading snapshots timed out");
+                Err(Problem::unavailable())
+            });
+        match outcome {
             Ok(found) => {
                 for lookup in batch.drain(..) {
                     let snapshot = found.get(&lookup.account_id).cloned();
                     let _ = lookup.reply.send(Ok(snapshot));
                 }
             }
-            Err(error) => {
-                // Logged once here, by the conversion, rather than once per lookup.
-                let problem = Problem::from(error);
+            Err(problem) => {
                 for lookup in batch.drain(..) {
                     let _ = lookup.reply.send(Err(problem.clone()));
                 }
@@ -85,7 +93,12 @@ async fn read_loop(db: KeptConnections, mut queue: mpsc::Receiver<Lookup>) {
     }
 }
 
-async fn read(db: &KeptConnections, ids: &[Uuid]) -> store::Result<HashMap<Uuid, AccountSnapshot>> {
+/// Reads the accounts of one batch. An error is logged once here, by its conversion to a problem,
+/// rather than once per lookup.
+async fn read(
+    db: &KeptConnections,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, AccountSnapshot>, Problem> {
     let mut conn = db.acquire().await?;
     let snapshots = store::snapshots::current(&mut conn, ids).await?;
     conn.release();
