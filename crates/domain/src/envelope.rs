@@ -168,7 +168,7 @@ struct DataProbe<'a> {
 
 impl Envelope {
     /// Parses and validates an untrusted webhook body: UTF-8, JSON, nesting at most [`MAX_DEPTH`],
-    /// no U+0000, and the envelope fields. This is the check ingest applies before appending.
+    /// nothing Postgres `jsonb` cannot hold (see [`unstorable`]), and the envelope fields. This is the check ingest applies before appending.
     pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
         let text =
             std::str::from_utf8(body).map_err(|e| EnvelopeError::InvalidJson(e.to_string()))?;
@@ -178,11 +178,12 @@ impl Envelope {
             )));
         }
         let envelope = Self::probe(text)?;
-        if contains_escaped_nul(text) {
-            // Postgres text and jsonb cannot hold U+0000; refuse it here rather than fail later.
+        if let Some(reason) = unstorable(text) {
+            // The projection keeps resources as Postgres `jsonb`: refuse here what it cannot hold,
+            // rather than log a body the projector could then never write.
             return Err(EnvelopeError::InvalidPayload {
                 field: "body",
-                reason: "contains the character U+0000, which cannot be stored",
+                reason,
             });
         }
         Ok(envelope)
@@ -334,24 +335,115 @@ fn nesting_depth(text: &str) -> usize {
     deepest
 }
 
-/// True when valid JSON `text` holds the escape `\u0000` (a raw NUL byte is not valid JSON).
-fn contains_escaped_nul(text: &str) -> bool {
+/// Largest decimal exponent of a number's leading digit that Postgres `numeric` holds (weight
+/// 32,767 in base-10,000 digits).
+const MAX_NUMERIC_WEIGHT: i64 = 131_071;
+/// Most digits after the decimal point that Postgres `numeric` holds.
+const MAX_NUMERIC_SCALE: i64 = 16_383;
+/// Postgres refuses any exponent this large before looking at the digits.
+const MAX_NUMERIC_EXPONENT: i64 = (i32::MAX / 2) as i64;
+
+/// Why valid JSON `text` cannot be stored as Postgres `jsonb`, if it cannot: the escape `\u0000`,
+/// an escaped surrogate that is not half of a pair, or a number outside `numeric`'s range. One pass,
+/// no tree built.
+fn unstorable(text: &str) -> Option<&'static str> {
+    const NUL: &str = "contains the character U+0000, which cannot be stored";
+    const SURROGATE: &str =
+        "contains an escaped surrogate that is not half of a pair, which cannot be stored";
+    const NUMBER: &str = "contains a number too large or too precise to be stored";
     let bytes = text.as_bytes();
-    let mut from = 0;
-    while let Some(found) = text[from..].find("u0000") {
-        let at = from + found;
-        // It is an escape when preceded by an odd number of backslashes.
-        let backslashes = bytes[..at]
-            .iter()
-            .rev()
-            .take_while(|&&b| b == b'\\')
-            .count();
-        if backslashes % 2 == 1 {
-            return true;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                // The previous character was an escaped high surrogate, which must be followed by
+                // an escaped low one.
+                let mut high = false;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    let escape = (bytes[i] == b'\\').then(|| bytes.get(i + 1)).flatten();
+                    let code = match escape {
+                        Some(b'u') => text
+                            .get(i + 2..i + 6)
+                            .and_then(|hex| u16::from_str_radix(hex, 16).ok()),
+                        _ => None,
+                    };
+                    match code {
+                        Some(0) => return Some(NUL),
+                        Some(0xD800..=0xDBFF) if !high => high = true,
+                        Some(0xDC00..=0xDFFF) if high => high = false,
+                        Some(0xD800..=0xDFFF) => return Some(SURROGATE),
+                        _ if high => return Some(SURROGATE),
+                        _ => {}
+                    }
+                    i += match (escape, code) {
+                        (_, Some(_)) => 6,
+                        (Some(_), None) => 2,
+                        (None, _) => 1,
+                    };
+                }
+                if high {
+                    return Some(SURROGATE);
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let (end, storable) = number_storable(bytes, i);
+                if !storable {
+                    return Some(NUMBER);
+                }
+                i = end;
+            }
+            _ => i += 1,
         }
-        from = at + 5;
     }
-    false
+    None
+}
+
+/// Reads the JSON number starting at `start`; returns where it ends and whether Postgres `numeric`
+/// holds it (the checks of its `numeric_in`: exponent, leading digit's weight, digits after the
+/// point).
+fn number_storable(bytes: &[u8], start: usize) -> (usize, bool) {
+    let digits = |from: usize| {
+        let len = bytes[from..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        (&bytes[from..from + len], from + len)
+    };
+    let at = start + usize::from(bytes[start] == b'-');
+    let (integer, mut at) = digits(at);
+    let mut fraction: &[u8] = &[];
+    if bytes.get(at) == Some(&b'.') {
+        (fraction, at) = digits(at + 1);
+    }
+    let mut exponent: i64 = 0;
+    if matches!(bytes.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        let negative = bytes.get(at) == Some(&b'-');
+        at += usize::from(matches!(bytes.get(at), Some(b'+' | b'-')));
+        let (written, end) = digits(at);
+        at = end;
+        exponent = written.iter().fold(0i64, |n, d| {
+            (n * 10 + i64::from(d - b'0')).min(MAX_NUMERIC_EXPONENT)
+        });
+        if negative {
+            exponent = -exponent;
+        }
+    }
+    let nonzero = |d: &u8| *d != b'0';
+    let leading = match (
+        integer.iter().position(nonzero),
+        fraction.iter().position(nonzero),
+    ) {
+        (Some(k), _) => Some((integer.len() - k - 1) as i64),
+        (None, Some(k)) => Some(-(k as i64) - 1),
+        (None, None) => None, // zero: no leading digit
+    };
+    let storable = exponent.abs() < MAX_NUMERIC_EXPONENT
+        && fraction.len() as i64 - exponent <= MAX_NUMERIC_SCALE
+        && leading.is_none_or(|weight| weight + exponent <= MAX_NUMERIC_WEIGHT);
+    (at, storable)
 }
 
 #[cfg(test)]
@@ -421,6 +513,46 @@ mod tests {
                 (other, _) => panic!("{:?} gave {other:?}", String::from_utf8_lossy(body)),
             }
         }
+    }
+
+    /// Each case was checked against Postgres 15: `SELECT '[<value>]'::jsonb`.
+    #[test]
+    fn what_postgres_jsonb_cannot_hold_is_refused() {
+        let cases = [
+            ("1e131071", true),
+            ("9e131071", true),
+            ("1e131072", false),
+            ("0.0001e131075", true),
+            ("1e-16383", true),
+            ("1e-16384", false),
+            ("1.5e-16383", false),
+            ("0.000001e-16378", false),
+            ("1e1000000", false),
+            ("0e1000000", true),
+            ("0e-1000000", false),
+            ("0e99999999999", false),
+            ("1E+5", true),
+            ("-0", true),
+            ("-12.50e-3", true),
+            ("123456789012345678901234567890", true),
+            (r#""\ud800""#, false),
+            (r#""\udc00""#, false),
+            (r#""\ud800\udc00""#, true),
+            (r#""\uDBFF\uDFFF""#, true),
+            (r#""\ud800x""#, false),
+            (r#""\ud800\ud800""#, false),
+            (r#""\ud800\n""#, false),
+            (r#""x\ud800""#, false),
+            (r#""\\ud800""#, true),
+            (r#""\u00e9\u0041""#, true),
+        ];
+        for (value, storable) in cases {
+            let body = format!(r#"{{"event":"x.y","data":{{"v":[{value}]}}}}"#);
+            let parsed = Envelope::parse(body.as_bytes());
+            assert_eq!(parsed.is_ok(), storable, "{value}: {parsed:?}");
+        }
+        // In a key too.
+        assert!(Envelope::parse(br#"{"event":"x.y","data":{"\ud800":1}}"#).is_err());
     }
 
     #[test]
