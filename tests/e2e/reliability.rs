@@ -576,3 +576,30 @@ async fn shutdown_does_not_wait_on_connections_kept_between_requests() {
         .expect("the app stops without waiting for the lingering request");
     drop(stream);
 }
+
+#[tokio::test]
+async fn a_connection_kept_for_long_goes_back_to_the_pool_and_its_rules() {
+    let url = migrated_database().await;
+    let pool = store::pool(&url, &store::DbOptions::default()).unwrap();
+    let kept = store::kept::KeptConnections::new(pool.clone(), 1)
+        .hand_back_after(Duration::from_millis(200));
+    let backend = |mut lease: store::kept::Lease| async move {
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *lease)
+            .await
+            .unwrap();
+        lease.release();
+        pid
+    };
+    let first = backend(kept.acquire().await.unwrap()).await;
+    assert_eq!(pool.num_idle(), 0, "kept out of the pool");
+    // The connection's age is what is under test here, not a wait for a condition.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = backend(kept.acquire().await.unwrap()).await;
+    assert_eq!(first, second, "lent again from the kept ones");
+    poll_until("the old connection is back in the pool", || async {
+        pool.num_idle() == 1
+    })
+    .await;
+    pool.close().await;
+}

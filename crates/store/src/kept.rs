@@ -6,20 +6,30 @@
 //! request that ended cleanly hands its connection back with [`Lease::release`]; one that failed or
 //! was cancelled mid-query just drops it, and the pool's own check on return decides whether it
 //! can be used again. A kept connection idle for a while is pinged before it is lent again, as the
-//! pool does, since a restarted server may have dropped it.
+//! pool does, since a restarted server may have dropped it. A connection first lent longer ago than
+//! [`HAND_BACK_AFTER`] goes back to the pool at its next release, so the pool's own rules apply to
+//! it again: its maximum lifetime closes old connections (and with them their cached statement
+//! plans, which on a server that never analyzes may have been made while a table was tiny).
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 
 use crate::{Result, usable_after};
 
+/// How long a connection is kept out of the pool's hands, by default, before it goes back at its
+/// next release.
+pub const HAND_BACK_AFTER: Duration = Duration::from_secs(60);
+
 struct Kept {
     conn: PoolConnection<Postgres>,
+    /// Released at.
     since: Instant,
+    /// First lent by these kept connections.
+    first_lent: Instant,
 }
 
 /// A pool front that keeps up to `max_kept` connections between uses; cheap to clone.
@@ -28,6 +38,7 @@ pub struct KeptConnections {
     pool: PgPool,
     kept: Arc<Mutex<Vec<Kept>>>,
     max_kept: usize,
+    hand_back_after: Duration,
 }
 
 impl std::fmt::Debug for KeptConnections {
@@ -46,6 +57,7 @@ impl KeptConnections {
             pool,
             kept: Arc::default(),
             max_kept,
+            hand_back_after: HAND_BACK_AFTER,
         };
         let closing = connections.clone();
         tokio::spawn(async move {
@@ -53,6 +65,13 @@ impl KeptConnections {
             closing.lock().clear();
         });
         connections
+    }
+
+    /// Connections first lent longer ago than this go back to the pool at their next release
+    /// (default [`HAND_BACK_AFTER`]).
+    pub fn hand_back_after(mut self, after: Duration) -> Self {
+        self.hand_back_after = after;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
@@ -65,16 +84,17 @@ impl KeptConnections {
             let kept = self.lock().pop();
             let Some(mut kept) = kept else { break };
             if usable_after(&mut kept.conn, kept.since.elapsed()).await {
-                return Ok(self.lease(kept.conn));
+                return Ok(self.lease(kept.conn, kept.first_lent));
             }
         }
-        Ok(self.lease(self.pool.acquire().await?))
+        Ok(self.lease(self.pool.acquire().await?, Instant::now()))
     }
 
-    fn lease(&self, conn: PoolConnection<Postgres>) -> Lease {
+    fn lease(&self, conn: PoolConnection<Postgres>, first_lent: Instant) -> Lease {
         Lease {
             conn,
             home: self.clone(),
+            first_lent,
         }
     }
 }
@@ -83,6 +103,7 @@ impl KeptConnections {
 pub struct Lease {
     conn: PoolConnection<Postgres>,
     home: KeptConnections,
+    first_lent: Instant,
 }
 
 impl Lease {
@@ -90,10 +111,14 @@ impl Lease {
     pub fn release(self) {
         let mut kept = self.home.lock();
         // Checked under the lock that clearing at close takes too: nothing is kept after it.
-        if kept.len() < self.home.max_kept && !self.home.pool.is_closed() {
+        if kept.len() < self.home.max_kept
+            && !self.home.pool.is_closed()
+            && self.first_lent.elapsed() < self.home.hand_back_after
+        {
             kept.push(Kept {
                 conn: self.conn,
                 since: Instant::now(),
+                first_lent: self.first_lent,
             });
         }
     }

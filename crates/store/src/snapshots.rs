@@ -77,7 +77,8 @@ const SNAPSHOT_COLUMNS: &str = "account_id, user_id, status, connection_status, 
 /// A prepared statement, like every other query of the API: the query API runs it for each group
 /// of concurrent lookups, so planning it every time would cost more than the lookup itself. (The
 /// projector's [`get_many`] plans every time for the reason given there; a plan cached here is
-/// replanned whenever the table's statistics change, as after each autovacuum ANALYZE.)
+/// replanned whenever the table's statistics change, as after each autovacuum ANALYZE, and dies
+/// with its connection, which the pool retires after its maximum lifetime: see [`crate::kept`].)
 #[tracing::instrument(skip_all, fields(accounts = account_ids.len()))]
 pub async fn current(
     conn: &mut PgConnection,
