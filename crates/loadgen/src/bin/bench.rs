@@ -239,6 +239,9 @@ fn start_server(
 /// Where the servers' logs go (appended): [`SERVER_LOG`]. The run with a wrong signature alone
 /// logs a warning per request, which would bury the table.
 fn server_log() -> anyhow::Result<std::fs::File> {
+    if let Some(dir) = std::path::Path::new(SERVER_LOG).parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("could not create {dir:?}"))?;
+    }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -434,7 +437,7 @@ async fn main() -> anyhow::Result<()> {
             seed: 4,
             ..ingest_workload.clone()
         }));
-        let before = cpu_ticks().zip(own_cpu_ticks());
+        let before = (cpu_ticks(), own_cpu_ticks());
         let saturated = send(
             many.clone(),
             &Sending {
@@ -444,12 +447,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
         // Shares of the machine: busy in all, and busy in this process (the load generator).
-        let busy = cpu_ticks().zip(own_cpu_ticks()).zip(before).map(
-            |(((b1, t1), own1), ((b0, t0), own0))| {
-                let total = (t1 - t0).max(1) as f64;
-                ((b1 - b0) as f64 / total, (own1 - own0) as f64 / total)
-            },
-        );
+        // (The load generator's share is zero where `/proc/self/stat` cannot be read.)
+        let own = own_cpu_ticks()
+            .zip(before.1)
+            .map_or(0, |(own1, own0)| own1 - own0);
+        let busy = cpu_ticks().zip(before.0).map(|((b1, t1), (b0, t0))| {
+            let total = (t1 - t0).max(1) as f64;
+            ((b1 - b0) as f64 / total, own as f64 / total)
+        });
         eprintln!(
             "bench: ingest alone at {SATURATION_CONNECTIONS} connections: {}",
             saturated.summary()
@@ -508,7 +513,7 @@ async fn main() -> anyhow::Result<()> {
         // `cores / served` deliveries a second, whatever the log's design.
         let per_delivery = busy * cores as f64 / saturated.throughput();
         let client_share = client * cores as f64 / saturated.throughput();
-        let served = per_delivery - client_share;
+        let served = (per_delivery - client_share).max(f64::EPSILON);
         let ceiling = cores as f64 / served;
         rows.push(row(
             "CPU per delivery at that load: all processes, of which the load generator; the rate server and Postgres alone would give with every core busy and a client that cost nothing",
