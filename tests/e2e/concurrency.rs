@@ -291,6 +291,28 @@ async fn lock_snapshots(pool: &sqlx::PgPool) -> tokio::sync::oneshot::Sender<()>
     release
 }
 
+/// [`lock_snapshots`], returning once the lock is held.
+async fn hold_snapshot_lock(pool: &sqlx::PgPool) -> tokio::sync::oneshot::Sender<()> {
+    let release = lock_snapshots(pool).await;
+    poll_until("the lock is held", || async {
+        lock_holders(pool).await == 1
+    })
+    .await;
+    release
+}
+
+/// An app whose log and projection hold one account, and a reader with `timeout` over it.
+async fn one_account_and_a_reader(
+    timeout: Duration,
+) -> (TestApp, Uuid, api::reader::SnapshotReader) {
+    let app = spawn_app().await;
+    let account = Uuid::new_v4();
+    app.deliver(&refinement(account, Uuid::new_v4(), 1)).await;
+    app.wait_for_projection().await;
+    let reader = snapshot_reader(&app, timeout);
+    (app, account, reader)
+}
+
 async fn lock_holders(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
@@ -326,11 +348,7 @@ async fn lookups_queued_during_a_read_share_the_next_and_each_gets_its_own_accou
     assert!(reader.get(accounts[0]).await.unwrap().is_some());
 
     // The first lookup's read waits behind a lock...
-    let first_lock = lock_snapshots(&app.pool).await;
-    poll_until("the lock is held", || async {
-        lock_holders(&app.pool).await == 1
-    })
-    .await;
+    let first_lock = hold_snapshot_lock(&app.pool).await;
     let first = tokio::spawn({
         let reader = reader.clone();
         let account = accounts[0];
@@ -395,17 +413,9 @@ async fn lookups_queued_during_a_read_share_the_next_and_each_gets_its_own_accou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_read_answers_its_lookups_503_and_the_next_read_is_served() {
-    let app = spawn_app().await;
-    let account = Uuid::new_v4();
-    app.deliver(&refinement(account, Uuid::new_v4(), 1)).await;
-    app.wait_for_projection().await;
-    let reader = snapshot_reader(&app, Duration::from_secs(20));
+    let (app, account, reader) = one_account_and_a_reader(Duration::from_secs(20)).await;
 
-    let lock = lock_snapshots(&app.pool).await;
-    poll_until("the lock is held", || async {
-        lock_holders(&app.pool).await == 1
-    })
-    .await;
+    let lock = hold_snapshot_lock(&app.pool).await;
     let doomed = tokio::spawn({
         let reader = reader.clone();
         async move { reader.get(account).await }
@@ -446,19 +456,11 @@ async fn a_failed_read_answers_its_lookups_503_and_the_next_read_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_stuck_past_the_database_timeout_answers_503_and_the_reader_goes_on() {
-    let app = spawn_app().await;
-    let account = Uuid::new_v4();
-    app.deliver(&refinement(account, Uuid::new_v4(), 1)).await;
-    app.wait_for_projection().await;
-    let reader = snapshot_reader(&app, Duration::from_millis(300));
+    let (app, account, reader) = one_account_and_a_reader(Duration::from_millis(300)).await;
     assert!(reader.get(account).await.unwrap().is_some());
 
     // A read that cannot finish (it waits on a lock) is given up after the timeout: 503.
-    let lock = lock_snapshots(&app.pool).await;
-    poll_until("the lock is held", || async {
-        lock_holders(&app.pool).await == 1
-    })
-    .await;
+    let lock = hold_snapshot_lock(&app.pool).await;
     // (Postgres would cancel the statement only after its own statement_timeout, 10 s.)
     let problem = tokio::time::timeout(Duration::from_secs(5), reader.get(account))
         .await

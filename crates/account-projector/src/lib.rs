@@ -17,7 +17,6 @@ pub mod progress;
 pub mod telemetry;
 pub mod webhooks;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -255,14 +254,12 @@ impl Application {
                     settings.database_timeout,
                 ),
                 db: kept,
-                tokens: Arc::new(
-                    settings
-                        .api_tokens
-                        .iter()
-                        .filter(|t| !t.is_empty())
-                        .cloned()
-                        .collect(),
-                ),
+                tokens: settings
+                    .api_tokens
+                    .iter()
+                    .filter(|t| !t.is_empty())
+                    .cloned()
+                    .collect(),
                 database_timeout: settings.database_timeout,
             }));
         }

@@ -30,14 +30,13 @@ use uuid::Uuid;
 pub use problem::Problem;
 
 /// What the query routes need.
-#[derive(Clone)]
 pub struct ApiState {
     /// Connections for the queries; kept between requests (see [`store::kept`]).
     pub db: store::kept::KeptConnections,
     /// Current-snapshot lookups, shared between concurrent requests (see [`reader`]).
     pub snapshots: reader::SnapshotReader,
     /// Accepted bearer tokens; empty means `/v1` is open.
-    pub tokens: Arc<Vec<String>>,
+    pub tokens: Vec<String>,
     /// A query that takes longer is answered 503: the database is unreachable or stuck.
     pub database_timeout: std::time::Duration,
 }

@@ -48,6 +48,34 @@ fn own_cpu_ticks() -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// The machine's and this process's CPU counters at one moment.
+struct CpuMark {
+    machine: Option<(u64, u64)>,
+    own: Option<u64>,
+}
+
+impl CpuMark {
+    fn now() -> Self {
+        Self {
+            machine: cpu_ticks(),
+            own: own_cpu_ticks(),
+        }
+    }
+
+    /// Since the mark: the share of the machine's time that was busy, and the share this process
+    /// (the load generator) used. `None` where the counters cannot be read.
+    fn shares(&self) -> Option<(f64, Option<f64>)> {
+        let later = Self::now();
+        let ((busy1, total1), (busy0, total0)) = later.machine.zip(self.machine)?;
+        let total = (total1 - total0).max(1) as f64;
+        let own = later
+            .own
+            .zip(self.own)
+            .map(|(own1, own0)| (own1 - own0) as f64 / total);
+        Some(((busy1 - busy0) as f64 / total, own))
+    }
+}
+
 /// The one-run benchmark of account-projector against Postgres's own ceiling on this machine.
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -437,7 +465,7 @@ async fn main() -> anyhow::Result<()> {
             seed: 4,
             ..ingest_workload.clone()
         }));
-        let before = (cpu_ticks(), own_cpu_ticks());
+        let mark = CpuMark::now();
         let saturated = send(
             many.clone(),
             &Sending {
@@ -446,15 +474,9 @@ async fn main() -> anyhow::Result<()> {
             },
         )
         .await;
-        // Shares of the machine: busy in all, and busy in this process (the load generator).
-        // (The load generator's share is zero where `/proc/self/stat` cannot be read.)
-        let own = own_cpu_ticks()
-            .zip(before.1)
-            .map_or(0, |(own1, own0)| own1 - own0);
-        let busy = cpu_ticks().zip(before.0).map(|((b1, t1), (b0, t0))| {
-            let total = (t1 - t0).max(1) as f64;
-            ((b1 - b0) as f64 / total, own as f64 / total)
-        });
+        // Shares of the machine: busy in all, and busy in this process (the load generator; zero
+        // where `/proc/self/stat` cannot be read).
+        let busy = mark.shares().map(|(busy, own)| (busy, own.unwrap_or(0.0)));
         eprintln!(
             "bench: ingest alone at {SATURATION_CONNECTIONS} connections: {}",
             saturated.summary()
@@ -674,15 +696,10 @@ async fn main() -> anyhow::Result<()> {
                 }
             })
         };
-        let before = cpu_ticks().zip(own_cpu_ticks());
+        let mark = CpuMark::now();
         let flat: Report = get(select_tps as usize * s as usize / 2, None).await;
         // The load generator's share of the machine while it ran.
-        let client_share = cpu_ticks()
-            .zip(own_cpu_ticks())
-            .zip(before)
-            .map(|(((_, t1), own1), ((_, t0), own0))| {
-                (own1 - own0) as f64 / (t1 - t0).max(1) as f64
-            });
+        let client_share = mark.shares().and_then(|(_, own)| own);
         eprintln!("bench: GET flat out: {}", flat.summary());
         let fixed: Report = get(1000 * s as usize, Some(1000.0)).await;
         eprintln!("bench: GET at 1,000/s: {}", fixed.summary());
