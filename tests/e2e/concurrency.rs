@@ -62,6 +62,87 @@ async fn concurrent_appends_while_projecting_are_each_folded_exactly_once() {
 }
 
 #[tokio::test]
+async fn one_append_call_numbers_new_bodies_densely_and_points_repeats_at_their_event() {
+    let database_url = migrated_database().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let window = Duration::from_secs(60);
+    let body = |step| refinement(Uuid::new_v4(), Uuid::new_v4(), step);
+    let (logged, a, b, c) = (body(1), body(2), body(3), body(4));
+    let deliveries = |bodies: &[&Vec<u8>], signatures: &[&str]| -> Vec<store::log::Delivery> {
+        bodies
+            .iter()
+            .zip(signatures)
+            .map(|(body, signature)| {
+                let envelope = domain::Envelope::parse(body).unwrap();
+                store::log::Delivery::new(body, Some(signature), &envelope)
+            })
+            .collect()
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    let first = store::log::append_in(&mut conn, &deliveries(&[&logged], &["s0"]), window)
+        .await
+        .unwrap();
+    assert_eq!(first[0].position, 1);
+
+    // One call: a new body, a body already in the log, the new body again, two more new bodies
+    // with a repeat of the last between them.
+    let call = deliveries(
+        &[&a, &logged, &a, &b, &c, &b],
+        &["s1", "s2", "s3", "s4", "s5", "s6"],
+    );
+    let answers: Vec<(i64, bool)> = store::log::append_in(&mut conn, &call, window)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.position, a.duplicate))
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            (2, false),
+            (1, true),
+            (2, true),
+            (3, false),
+            (4, false),
+            (3, true)
+        ]
+    );
+    let events: Vec<(i64, Vec<u8>, String)> =
+        sqlx::query_as("SELECT position, body, signature FROM events ORDER BY position")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        events,
+        [
+            (1, logged.clone(), "s0".to_owned()),
+            (2, a.clone(), "s1".to_owned()),
+            (3, b.clone(), "s4".to_owned()),
+            (4, c.clone(), "s5".to_owned()),
+        ]
+    );
+    let redeliveries: Vec<(i64, String)> =
+        sqlx::query_as("SELECT position, signature FROM redeliveries ORDER BY signature")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        redeliveries,
+        [(1, "s2".into()), (2, "s3".into()), (3, "s6".into())]
+    );
+    // Every delivery of a call shares its receive time, never earlier than the head's.
+    let times: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT received_at) FROM (
+             SELECT received_at FROM events WHERE position > 1
+             UNION ALL SELECT received_at FROM redeliveries) t",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(times, 1);
+}
+
+#[tokio::test]
 async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
     let database_url = migrated_database().await;
     let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
