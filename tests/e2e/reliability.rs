@@ -385,6 +385,16 @@ async fn secrets_and_tokens_never_reach_the_logs() {
         "a UUID request id: {webhook}"
     );
     assert!(webhook["latency_ms"].as_f64().is_some());
+    // The same line says what became of the webhook; no second line per webhook.
+    assert_eq!(webhook["span"]["event"], "accounts.updated", "{webhook}");
+    assert_eq!(webhook["span"]["position"], 1, "{webhook}");
+    assert_eq!(webhook["span"]["duplicate"], false, "{webhook}");
+    let request_id = webhook["span"]["request_id"].as_str().unwrap();
+    let info_lines_of_the_webhook = logs
+        .lines()
+        .filter(|l| l.contains(r#""level":"INFO""#) && l.contains(request_id))
+        .count();
+    assert_eq!(info_lines_of_the_webhook, 1, "{logs}");
     assert!(
         finished
             .iter()

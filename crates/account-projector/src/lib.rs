@@ -333,8 +333,9 @@ type RequestSpan = TraceLayer<
     fn(&Response, Duration, &tracing::Span),
 >;
 
-/// One span per request (request id, method, path; status and latency when it ends), and one
-/// `request finished` line. Only the path is logged: queries and headers may carry secrets.
+/// One span per request (request id, method, path; status and latency when it ends; for an accepted
+/// webhook its event, position and whether it was a redelivery), and one `request finished` line.
+/// Only the path is logged: queries and headers may carry secrets.
 fn request_span() -> RequestSpan {
     fn make_span(request: &Request) -> tracing::Span {
         let id = request
@@ -349,6 +350,9 @@ fn request_span() -> RequestSpan {
             path = %request.uri().path(),
             status = tracing::field::Empty,
             latency_ms = tracing::field::Empty,
+            event = tracing::field::Empty,
+            position = tracing::field::Empty,
+            duplicate = tracing::field::Empty,
         )
     }
     fn on_response(response: &Response, latency: Duration, span: &tracing::Span) {

@@ -151,7 +151,6 @@ async fn receive_counted(
     answer
 }
 
-#[tracing::instrument(skip_all, fields(position, duplicate, event))]
 async fn receive(
     State(state): State<IngestState>,
     headers: HeaderMap,
@@ -223,11 +222,11 @@ async fn receive(
             return Err(Problem::unavailable());
         }
     };
+    // On the request's span, so the one `request finished` line says what became of the webhook.
     let span = tracing::Span::current();
+    span.record("event", envelope.event.as_str());
     span.record("position", appended.position);
     span.record("duplicate", appended.duplicate);
-    span.record("event", envelope.event.as_str());
-    tracing::info!("webhook accepted");
     Ok(Json(Accepted {
         status: "accepted",
         position: appended.position,
