@@ -7,6 +7,7 @@
 //!   resource-less updates and other families. Bodies are pretty-printed like Argyle's.
 //! - [`send`]: signs and sends deliveries at a fixed rate or as fast as N connections allow,
 //!   measuring latency from the scheduled send time (no coordinated omission).
+//! - [`write_requests`]: the same signed requests as a file, for a C client (`wrk`) to replay.
 //! - [`verify`]: reads the log back through `GET /v1/events` and checks that every acknowledged
 //!   delivery is there, byte for byte, at the position it was given.
 
@@ -208,6 +209,26 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha512>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
+}
+
+/// Writes the deliveries, signed, for a client that replays them (`benches/wrk/ingest.lua`): per
+/// delivery one line `<signature> <body length>`, then the body's exact bytes and a newline.
+pub fn write_requests(
+    deliveries: &[Delivery],
+    secret: &str,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    for delivery in deliveries {
+        writeln!(
+            out,
+            "{} {}",
+            sign(secret, &delivery.body),
+            delivery.body.len()
+        )?;
+        out.write_all(&delivery.body)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
 }
 
 /// How to send.

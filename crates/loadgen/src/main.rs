@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Parser;
 use loadgen::{Sending, Workload, generate, send, verify};
 
@@ -44,6 +45,10 @@ struct Args {
     /// Do not read the log back at the end.
     #[arg(long)]
     no_verify: bool,
+    /// Write the signed requests to this file instead of sending them, for a client that replays
+    /// them (`wrk -s benches/wrk/ingest.lua`; the script names the format).
+    #[arg(long, value_name = "FILE")]
+    write_requests: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -63,6 +68,22 @@ async fn main() -> anyhow::Result<()> {
         deliveries.len(),
         args.accounts
     );
+    if let Some(path) = &args.write_requests {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        loadgen::write_requests(
+            &deliveries,
+            &args.secret,
+            &mut std::io::BufWriter::new(file),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!(
+            "loadgen: wrote {} signed requests to {}",
+            deliveries.len(),
+            path.display()
+        );
+        return Ok(());
+    }
     let sending = Sending {
         url: args.url.clone(),
         secret: args.secret,
