@@ -48,7 +48,7 @@ function request()
   return requests[next_request]
 end
 
-function done(summary, latency, requests)
+function done()
   for _, thread in ipairs(threads) do
     if thread:get("wrapped") then
       io.write("WRAPPED: a thread sent all its deliveries and started again\n")

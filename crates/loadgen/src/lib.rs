@@ -211,13 +211,16 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-/// Writes the deliveries, signed, for a client that replays them (`benches/wrk/ingest.lua`): per
-/// delivery one line `<signature> <body length>`, then the body's exact bytes and a newline.
+/// Writes the deliveries, signed, to `path` for a client that replays them
+/// (`benches/wrk/ingest.lua`): per delivery one line `<signature> <body length>`, then the body's
+/// exact bytes and a newline.
 pub fn write_requests(
     deliveries: &[Delivery],
     secret: &str,
-    out: &mut impl std::io::Write,
+    path: &std::path::Path,
 ) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     for delivery in deliveries {
         writeln!(
             out,

@@ -69,14 +69,8 @@ async fn main() -> anyhow::Result<()> {
         args.accounts
     );
     if let Some(path) = &args.write_requests {
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        loadgen::write_requests(
-            &deliveries,
-            &args.secret,
-            &mut std::io::BufWriter::new(file),
-        )
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        loadgen::write_requests(&deliveries, &args.secret, path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!(
             "loadgen: wrote {} signed requests to {}",
             deliveries.len(),

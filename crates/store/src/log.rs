@@ -83,7 +83,8 @@ pub async fn append_in(
         .map(|d| Sha256::digest(&d.body).to_vec())
         .collect();
     let signatures: Vec<Option<&str>> = deliveries.iter().map(|d| d.signature.as_deref()).collect();
-    // migrations/V10__append_with_one_plan.sql (first V5): lock, dedup lookups, inserts, in one round trip.
+    // migrations/V10__append_with_one_plan.sql (first V5): lock, dedup lookups, inserts, in one
+    // round trip.
     let rows: Vec<(i64, bool)> = sqlx::query_as(
         "SELECT appended_position, is_duplicate
          FROM append_events($1, $2, $3, $4, $5, $6, $7, make_interval(secs => $8))",

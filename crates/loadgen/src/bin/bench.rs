@@ -212,9 +212,7 @@ fn wrk_ingest(
     seconds: u64,
 ) -> anyhow::Result<Option<(f64, f64)>> {
     let path = std::env::temp_dir().join(format!("bench-requests-{}", std::process::id()));
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
-    loadgen::write_requests(deliveries, SECRET, &mut file)?;
-    drop(file);
+    loadgen::write_requests(deliveries, SECRET, &path)?;
     let result = wrk(
         base,
         "benches/wrk/ingest.lua",
