@@ -130,38 +130,115 @@ fn url_for(base: &str, database: &str) -> String {
 }
 
 fn pgbench(url: &str, script: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+    Ok(pgbench_run(url, script, clients, seconds, &[])?.0)
+}
+
+/// Runs pgbench with `script` and `-D` variables: (transactions/s, transactions).
+fn pgbench_run(
+    url: &str,
+    script: &str,
+    clients: usize,
+    seconds: u64,
+    variables: &[(&str, String)],
+) -> anyhow::Result<(f64, u64)> {
+    let defines = variables
+        .iter()
+        .flat_map(|(name, value)| ["-D".to_string(), format!("{name}={value}")]);
     let output = Command::new("pgbench")
         .args([
             "-n",
             "-c",
             &clients.to_string(),
             "-j",
-            "2",
+            &clients.min(2).to_string(),
             "-T",
             &seconds.to_string(),
             "-f",
             script,
-            url,
         ])
+        .args(defines)
+        .arg(url)
         .output()
         .context("pgbench must be installed (Debian: postgresql-contrib or postgresql-client)")?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let tps = text
-        .lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| {
-            l.trim_start_matches("tps = ")
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        });
-    tps.with_context(|| {
-        format!(
-            "pgbench printed no tps: {text}{}",
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    let tps = field("tps = ").and_then(|v| v.parse().ok());
+    let transactions =
+        field("number of transactions actually processed: ").and_then(|v| v.parse().ok());
+    let failed = field("number of failed transactions: ").is_some_and(|v| v != "0");
+    match (tps, transactions) {
+        (Some(tps), Some(transactions)) if output.status.success() && !failed => {
+            Ok((tps, transactions))
+        }
+        _ => bail!(
+            "pgbench failed or printed no tps: {text}{}",
             String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}
+
+/// Runs a psql script on `url`, with `-v` variables, stopping at its first error.
+fn psql_file(url: &str, script: &str, variables: &[(&str, &str)]) -> anyhow::Result<()> {
+    let status = Command::new("psql")
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-f", script])
+        .args(
+            variables
+                .iter()
+                .flat_map(|(name, value)| ["-v".to_string(), format!("{name}={value}")]),
         )
-    })
+        .arg(url)
+        .stdout(Stdio::null())
+        .status()
+        .context("psql must be installed")?;
+    anyhow::ensure!(status.success(), "psql -f {script} failed");
+    Ok(())
+}
+
+/// The log's own append without HTTP (`benches/pgbench/append.sql`): `clients` pgbench clients,
+/// each call appending `group` new deliveries. Checks that the log grew by exactly that many events
+/// and returns deliveries/s.
+/// `search_path`, when given, is the session's (e.g. to call `benches/pgbench/unordered.sql`'s
+/// function instead).
+async fn append_alone(
+    url: &str,
+    search_path: Option<&str>,
+    clients: usize,
+    group: usize,
+    seconds: u64,
+) -> anyhow::Result<f64> {
+    let pool = store::pool(url, &store::DbOptions::default())?;
+    let before = store::log::counts(&mut *pool.acquire().await?).await?;
+    let session = match search_path {
+        Some(path) => format!(
+            "{url}{}options=-csearch_path%3D{}",
+            if url.contains('?') { '&' } else { '?' },
+            path.replace(',', "%2C")
+        ),
+        None => url.to_owned(),
+    };
+    let (tps, calls) = pgbench_run(
+        &session,
+        "benches/pgbench/append.sql",
+        clients,
+        seconds,
+        &[
+            ("group", group.to_string()),
+            ("lock_key", store::log::APPEND_LOCK.to_string()),
+        ],
+    )?;
+    let after = store::log::counts(&mut *pool.acquire().await?).await?;
+    pool.close().await;
+    anyhow::ensure!(
+        after.events - before.events == calls as i64 * group as i64,
+        "{calls} calls of {group} new deliveries left {} new events",
+        after.events - before.events
+    );
+    Ok(tps * group as f64)
 }
 
 fn peak_rss_mb(pid: u32) -> Option<f64> {
@@ -406,20 +483,11 @@ async fn main() -> anyhow::Result<()> {
     let baseline_db = url_for(&args.database_url, "account_projector_bench_baseline");
     store::migrate::drop_database(&baseline_db).await?;
     store::migrate::migrate(&baseline_db).await?;
-    let setup = Command::new("psql")
-        .args([
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            &format!("body={}", String::from_utf8_lossy(&payload)),
-            "-f",
-            "benches/pgbench/setup.sql",
-            &baseline_db,
-        ])
-        .stdout(Stdio::null())
-        .status()?;
-    anyhow::ensure!(setup.success(), "baseline setup failed");
+    psql_file(
+        &baseline_db,
+        "benches/pgbench/setup.sql",
+        &[("body", &String::from_utf8_lossy(&payload))],
+    )?;
     let insert_tps = pgbench(&baseline_db, "benches/pgbench/insert.sql", c, s)?;
     let insert_tps_1 = pgbench(&baseline_db, "benches/pgbench/insert.sql", 1, s.min(5))?;
     let select_tps = pgbench(&baseline_db, "benches/pgbench/select.sql", c, s)?;
@@ -450,6 +518,22 @@ async fn main() -> anyhow::Result<()> {
         None,
         "",
     ));
+    // The log's own append at this concurrency, without HTTP: every group full (one client, `c`
+    // new deliveries a call), the best case of group commit; then, as an experiment, appends that
+    // overlap (no lock, no NOTIFY: not the service's guarantees), two clients of `c / 2`.
+    let full_groups = append_alone(&baseline_db, None, 1, c, s).await?;
+    psql_file(&baseline_db, "benches/pgbench/unordered.sql", &[])?;
+    let overlapping = append_alone(
+        &baseline_db,
+        Some("bench_unordered,public"),
+        2,
+        (c / 2).max(1),
+        s,
+    )
+    .await?;
+    eprintln!(
+        "bench: the log alone: {full_groups:.0} deliveries/s in full groups, {overlapping:.0}/s overlapping without the lock"
+    );
     store::migrate::drop_database(&baseline_db).await?;
 
     // 2. Ingest alone: `serve --role ingest`, as the compose stack runs it, so that no projector
@@ -593,6 +677,20 @@ async fn main() -> anyhow::Result<()> {
         format!("{:.0}/s", refused.throughput()),
         &format!("{insert_tps:.0}/s"),
         Some(refused.throughput() / insert_tps),
+        "",
+    ));
+    rows.push(row(
+        &format!("the log alone, no HTTP: pgbench, 1 client calling `append_events` with {c} new deliveries each (every group full: group commit's best case at {c} in flight)"),
+        format!("{full_groups:.0}/s"),
+        &format!("{insert_tps:.0}/s"),
+        Some(full_groups / insert_tps),
+        "",
+    ));
+    rows.push(row(
+        &format!("the same without the append lock and NOTIFY, 2 clients of {}: appends that overlap (an experiment; positions neither dense nor in commit order)", (c / 2).max(1)),
+        format!("{overlapping:.0}/s"),
+        &format!("{insert_tps:.0}/s"),
+        Some(overlapping / insert_tps),
         "",
     ));
     rows.push(row(
