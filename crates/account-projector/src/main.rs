@@ -8,6 +8,7 @@ use std::time::Duration;
 use account_projector::telemetry::{self, LogFormat};
 use account_projector::webhooks::{self, CreateOptions};
 use account_projector::{Application, ArgyleApi, Role, Settings, export, progress};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 
@@ -386,9 +387,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..enricher::EnricherConfig::default()
             };
             settings.db.max_connections = args.max_connections;
-            let app = Application::build(settings).await?;
             let shutdown = CancellationToken::new();
-            tokio::spawn(stop_on_signal(shutdown.clone()));
+            stop_on_signal(shutdown.clone()).context("could not install the signal handlers")?;
+            let app = Application::build(settings).await?;
             app.run_until_stopped(shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -560,24 +561,31 @@ async fn rebuild(database_url: &str, args: RebuildArgs) -> anyhow::Result<ExitCo
     }
 }
 
-/// Fires `shutdown` on SIGTERM or ctrl-c.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Fires `shutdown` on SIGTERM or ctrl-c (SIGINT). The handlers are installed before this returns,
+/// so before the listener is bound: a signal that finds the service listening always stops it
+/// gracefully, never by the signal's default action (an immediate exit that would drop the
+/// requests in flight).
+fn stop_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    let stopped = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
             }
-            Err(_) => std::future::pending().await,
         }
     };
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutdown requested: finishing in-flight work");
-    shutdown.cancel();
+    let stopped = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    tokio::spawn(async move {
+        stopped.await;
+        tracing::info!("shutdown requested: finishing in-flight work");
+        shutdown.cancel();
+    });
+    Ok(())
 }
