@@ -21,8 +21,18 @@ const SERVER_LOG: &str = "target/bench-server.log";
 /// Connections of the ingest run that saturates the machine.
 const SATURATION_CONNECTIONS: usize = 256;
 
-/// Busy and total CPU ticks of the whole machine so far (Linux `/proc/stat`).
-fn cpu_ticks() -> Option<(u64, u64)> {
+/// CPU ticks of the whole machine so far (Linux `/proc/stat`).
+#[derive(Clone, Copy)]
+struct MachineTicks {
+    /// The machine's own work: user, nice, system, irq and softirq.
+    busy: u64,
+    /// Time the host ran something else while this machine had work (virtual machines).
+    steal: u64,
+    /// All of the above plus idle and iowait.
+    total: u64,
+}
+
+fn cpu_ticks() -> Option<MachineTicks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let ticks: Vec<u64> = stat
         .lines()
@@ -31,13 +41,15 @@ fn cpu_ticks() -> Option<(u64, u64)> {
         .skip(1)
         .filter_map(|t| t.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal: the machine's own work is user, nice,
-    // system, irq and softirq (steal is time the host took).
+    // user nice system idle iowait irq softirq steal
     if ticks.len() < 8 {
         return None;
     }
-    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
-    Some((busy, ticks[..8].iter().sum()))
+    Some(MachineTicks {
+        busy: ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6],
+        steal: ticks[7],
+        total: ticks[..8].iter().sum(),
+    })
 }
 
 /// CPU ticks this process (the load generator) has used so far, user and system (Linux `/proc`).
@@ -50,8 +62,18 @@ fn own_cpu_ticks() -> Option<u64> {
 
 /// The machine's and this process's CPU counters at one moment.
 struct CpuMark {
-    machine: Option<(u64, u64)>,
+    machine: Option<MachineTicks>,
     own: Option<u64>,
+}
+
+/// Shares of the machine's time between two moments.
+struct CpuShares {
+    /// The machine's own work, all processes.
+    busy: f64,
+    /// Taken by the host: the machine had that much less CPU than its cores.
+    steal: f64,
+    /// This process (the load generator); `None` where `/proc/self/stat` cannot be read.
+    own: Option<f64>,
 }
 
 impl CpuMark {
@@ -62,17 +84,19 @@ impl CpuMark {
         }
     }
 
-    /// Since the mark: the share of the machine's time that was busy, and the share this process
-    /// (the load generator) used. `None` where the counters cannot be read.
-    fn shares(&self) -> Option<(f64, Option<f64>)> {
+    /// Since the mark; `None` where the machine's counters cannot be read.
+    fn shares(&self) -> Option<CpuShares> {
         let later = Self::now();
-        let ((busy1, total1), (busy0, total0)) = later.machine.zip(self.machine)?;
-        let total = (total1 - total0).max(1) as f64;
-        let own = later
-            .own
-            .zip(self.own)
-            .map(|(own1, own0)| (own1 - own0) as f64 / total);
-        Some(((busy1 - busy0) as f64 / total, own))
+        let (after, before) = later.machine.zip(self.machine)?;
+        let total = (after.total - before.total).max(1) as f64;
+        Some(CpuShares {
+            busy: (after.busy - before.busy) as f64 / total,
+            steal: (after.steal - before.steal) as f64 / total,
+            own: later
+                .own
+                .zip(self.own)
+                .map(|(own1, own0)| (own1 - own0) as f64 / total),
+        })
     }
 }
 
@@ -608,7 +632,7 @@ async fn main() -> anyhow::Result<()> {
         .await;
         // Shares of the machine: busy in all, and busy in this process (the load generator; zero
         // where `/proc/self/stat` cannot be read).
-        let busy = mark.shares().map(|(busy, own)| (busy, own.unwrap_or(0.0)));
+        let busy = mark.shares().map(|s| (s.busy, s.own.unwrap_or(0.0)));
         eprintln!(
             "bench: ingest alone at {SATURATION_CONNECTIONS} connections: {}",
             saturated.summary()
@@ -775,12 +799,23 @@ async fn main() -> anyhow::Result<()> {
                 .take(2000 * s as usize)
                 .collect::<Vec<_>>(),
         );
+        let mark = CpuMark::now();
         let fixed = send(deliveries, &sending(Some(2000.0))).await;
-        eprintln!("bench: ingest at 2,000/s: {}", fixed.summary());
-        rows.push(row(
-            "ingest at 2,000/s: latency p50 / p99",
+        // How much of the machine the row had: a host that takes CPU away (steal) leaves this
+        // fixed rate closer to what the machine can do, and queues form.
+        let shares = mark.shares().map_or_else(String::new, |s| {
             format!(
-                "{:.1} / {:.1} ms",
+                " (machine busy {:.0}%, host steal {:.0}%, the load generator {:.0}%)",
+                s.busy * 100.0,
+                s.steal * 100.0,
+                s.own.unwrap_or(0.0) * 100.0
+            )
+        });
+        eprintln!("bench: ingest at 2,000/s: {}{shares}", fixed.summary());
+        rows.push(row(
+            "ingest at 2,000/s: latency p50 / p99 (the machine's CPU during the row)",
+            format!(
+                "{:.1} / {:.1} ms{shares}",
                 fixed.latency_ms(0.5),
                 fixed.latency_ms(0.99)
             ),
@@ -874,7 +909,7 @@ async fn main() -> anyhow::Result<()> {
         let mark = CpuMark::now();
         let flat: Report = get(select_tps as usize * s as usize / 2, None).await;
         // The load generator's share of the machine while it ran.
-        let client_share = mark.shares().and_then(|(_, own)| own);
+        let client_share = mark.shares().and_then(|s| s.own);
         eprintln!("bench: GET flat out: {}", flat.summary());
         let fixed: Report = get(1000 * s as usize, Some(1000.0)).await;
         eprintln!("bench: GET at 1,000/s: {}", fixed.summary());
