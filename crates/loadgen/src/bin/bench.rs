@@ -801,8 +801,8 @@ async fn main() -> anyhow::Result<()> {
         );
         let mark = CpuMark::now();
         let fixed = send(deliveries, &sending(Some(2000.0))).await;
-        // How much of the machine the row had: a host that takes CPU away (steal) leaves this
-        // fixed rate closer to what the machine can do, and queues form.
+        // How much of the machine the row had: when the host stalls a virtual machine, requests
+        // queue meanwhile and the time shows here as steal.
         let shares = mark.shares().map_or_else(String::new, |s| {
             format!(
                 " (machine busy {:.0}%, host steal {:.0}%, the load generator {:.0}%)",
