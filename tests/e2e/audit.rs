@@ -64,7 +64,6 @@ async fn malformed_history_queries_are_400_invalid_query() {
         format!("/v1/accounts/{ACCOUNT}?as_of=2026-03-02"),
         format!("/v1/accounts/{ACCOUNT}?at_position=-1"),
         format!("/v1/accounts/{ACCOUNT}?at_position=1.5"),
-        format!("/v1/accounts/{ACCOUNT}?at_position=1&as_of=2026-03-02T00:00:00Z"),
         format!("/v1/accounts/{ACCOUNT}?at_position=1&at_position=2"),
         format!("/v1/accounts/{ACCOUNT}/events?limit=0"),
         format!("/v1/accounts/{ACCOUNT}/events?limit=1001"),

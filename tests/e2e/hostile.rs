@@ -313,22 +313,22 @@ fn cases(max_body: usize) -> Vec<Case> {
             Some("invalid_payload"),
         ),
         webhook(
-            "escaped U+0000",
+            "escaped U+0000 (signed valid JSON: logged)",
             with_field("note", "\"a\\u0000b\""),
-            400,
-            Some("invalid_payload"),
+            200,
+            None,
         ),
         webhook(
-            "escaped lone surrogate",
+            "escaped lone surrogate (signed valid JSON: logged)",
             with_field("note", "\"a\\ud800b\""),
-            400,
-            Some("invalid_payload"),
+            200,
+            None,
         ),
         webhook(
-            "number beyond Postgres numeric",
+            "number beyond Postgres numeric (signed valid JSON: logged)",
             with_field("amount", "1e1000000"),
-            400,
-            Some("invalid_payload"),
+            200,
+            None,
         ),
         webhook(
             "duplicate event key",
@@ -718,61 +718,4 @@ async fn slow_clients_are_cut_off_and_cannot_exhaust_the_server() {
         "only the honest delivery was appended"
     );
     app.stop().await;
-}
-
-/// The projection keeps resources as `jsonb`, so ingest refuses exactly what Postgres's own parser
-/// refuses as `jsonb`, and nothing more: the same verdict on every case.
-#[tokio::test]
-async fn ingest_refuses_exactly_what_postgres_jsonb_cannot_hold() {
-    let pool = sqlx::PgPool::connect(&server_url()).await.unwrap();
-    let values = [
-        "1e131071",
-        "9e131071",
-        "1e131072",
-        "0.0001e131075",
-        "0.001e131075",
-        "1e-16383",
-        "1e-16384",
-        "1.5e-16383",
-        "0.000001e-16378",
-        "1e1000000",
-        "0e1000000",
-        "0e-1000000",
-        "0e99999999999",
-        "-0",
-        "1E+5",
-        "-12.50e-3",
-        "123456789012345678901234567890",
-        r#""\u0000""#,
-        r#""\\u0000""#,
-        r#""\ud800""#,
-        r#""\udc00""#,
-        r#""\ud800\udc00""#,
-        r#""\uDBFF\uDFFF""#,
-        r#""\ud800x""#,
-        r#""\ud800\ud800""#,
-        r#""\ud800\n""#,
-        r#""x\ud800""#,
-        r#""\\ud800""#,
-        r#""\u00e9\u0041""#,
-        r#""\udbff\udfff\ud800""#,
-    ];
-    for value in values {
-        for body in [
-            format!(r#"{{"event":"x.y","data":{{"v":[{value}]}}}}"#),
-            format!(r#"{{"event":"x.y","data":{{{value}:1}}}}"#),
-        ] {
-            // Only JSON both parsers read (a number is no key): then the verdicts must agree.
-            if serde_json::from_str::<serde::de::IgnoredAny>(&body).is_err() {
-                continue;
-            }
-            let postgres = sqlx::query("SELECT $1::text::jsonb")
-                .bind(&body)
-                .execute(&pool)
-                .await
-                .is_ok();
-            let ours = domain::Envelope::parse(body.as_bytes()).is_ok();
-            assert_eq!(ours, postgres, "{body}");
-        }
-    }
 }

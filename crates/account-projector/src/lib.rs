@@ -6,6 +6,7 @@
 //! - [`Application`]: binds the listener, runs migrations, and runs the chosen roles until a
 //!   shutdown token fires. Tests build one on port 0 against a database of their own.
 //! - [`export`]: the NDJSON audit export; [`progress`]: progress bars and lines for long work.
+//! - [`supervisor`]: the background tasks of the roles, supervised crash-only.
 //! - [`telemetry`]: tracing setup (`RUST_LOG`, `LOG_FORMAT`), Prometheus metrics.
 //! - [`openapi`]: `/openapi.json`; [`webhooks`]: the `webhooks create|list|delete` commands.
 
@@ -14,6 +15,7 @@
 pub mod export;
 pub mod openapi;
 pub mod progress;
+pub mod supervisor;
 pub mod telemetry;
 pub mod webhooks;
 
@@ -26,9 +28,11 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use enricher::EnricherConfig;
+use futures_util::future::BoxFuture;
 use ingest::{IngestState, Secrets};
 use projector::ProjectorConfig;
 use store::{DbOptions, PgPool};
+use supervisor::{Faults, Supervisor};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
@@ -158,6 +162,10 @@ pub struct Application {
     pool: PgPool,
     projector: Option<ProjectorConfig>,
     enricher: Option<(argyle::Client, EnricherConfig)>,
+    /// The loops behind the routes (the committer, the shared reader), run supervised.
+    loops: Vec<(&'static str, BoxFuture<'static, ()>)>,
+    readiness: api::Readiness,
+    faults: Faults,
     limits: ConnectionLimits,
 }
 
@@ -172,7 +180,13 @@ impl Application {
     /// Checks the settings, migrates if asked, and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let role = settings.role;
-        let secrets = Secrets::new(&settings.webhook_secrets);
+        if settings.webhook_secrets.iter().any(|s| s.trim().is_empty()) {
+            bail!("ARGYLE_WEBHOOK_SECRETS has an empty entry");
+        }
+        if settings.api_tokens.iter().any(|t| t.trim().is_empty()) {
+            bail!("API_TOKENS has an empty entry");
+        }
+        let secrets = Secrets::new(settings.webhook_secrets.iter().map(|s| s.trim()));
         if role.ingests() && secrets.is_empty() && !settings.allow_unsigned_webhooks {
             bail!(
                 "ingest needs ARGYLE_WEBHOOK_SECRETS; set ALLOW_UNSIGNED_WEBHOOKS=true to accept unsigned webhooks"
@@ -225,16 +239,21 @@ impl Application {
             .await
             .with_context(|| format!("could not listen on {}", settings.listen_addr))?;
         telemetry::prometheus();
-        let mut router = api::health_router(pool.clone())
+        let readiness = api::Readiness::default();
+        readiness.check_database(&pool).await;
+        let mut loops: Vec<(&'static str, BoxFuture<'static, ()>)> = vec![];
+        let mut router = api::health_router(readiness.clone())
             .route("/metrics", axum::routing::get(telemetry::metrics))
             .route("/openapi.json", axum::routing::get(openapi::openapi_json));
         if role.ingests() {
+            let (committer, commit_loop) = ingest::Committer::new(
+                pool.clone(),
+                settings.dedup_window,
+                settings.max_commit_batch,
+            );
+            loops.push(("committer", Box::pin(commit_loop)));
             router = router.merge(ingest::router(IngestState {
-                committer: ingest::Committer::start(
-                    pool.clone(),
-                    settings.dedup_window,
-                    settings.max_commit_batch,
-                ),
+                committer,
                 secrets,
                 max_body_bytes: settings.max_body_bytes,
                 database_timeout: settings.database_timeout,
@@ -248,17 +267,16 @@ impl Application {
                 pool.clone(),
                 (db.max_connections.saturating_sub(3) / 2) as usize,
             );
+            let (snapshots, read_loop) =
+                api::reader::SnapshotReader::new(kept.clone(), settings.database_timeout);
+            loops.push(("reader", Box::pin(read_loop)));
             router = router.merge(api::router(api::ApiState {
-                snapshots: api::reader::SnapshotReader::start(
-                    kept.clone(),
-                    settings.database_timeout,
-                ),
+                snapshots,
                 db: kept,
                 tokens: settings
                     .api_tokens
                     .iter()
-                    .filter(|t| !t.is_empty())
-                    .cloned()
+                    .map(|t| t.trim().to_owned())
                     .collect(),
                 database_timeout: settings.database_timeout,
             }));
@@ -284,8 +302,16 @@ impl Application {
             pool,
             projector,
             enricher,
+            loops,
+            readiness,
+            faults: Faults::default(),
             limits,
         })
+    }
+
+    /// Test hooks into the supervised tasks (see [`Faults`]).
+    pub fn faults(&self) -> Faults {
+        self.faults.clone()
     }
 
     /// The bound port (useful when listening on port 0).
@@ -300,27 +326,49 @@ impl Application {
 
     /// Serves until `shutdown` fires, then stops accepting, lets in-flight requests and the
     /// projector's current batch finish, and returns.
+    ///
+    /// Every background task runs under a [`Supervisor`]: if one ends or panics before shutdown,
+    /// `/readyz` turns 503 at once and this returns the error within moments (crash-only; the
+    /// binary then exits non-zero so the orchestrator restarts it).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "listening");
-        let projector = self.projector.map(|config| {
-            tokio::spawn(projector::run(self.pool.clone(), config, shutdown.clone()))
-        });
-        let enricher = self.enricher.map(|(client, config)| {
-            tokio::spawn(enricher::run(
-                self.pool.clone(),
-                client,
-                config,
-                shutdown.clone(),
-            ))
-        });
-        let served = serve(self.listener, self.router, shutdown.clone(), self.limits).await;
+        let mut supervisor = Supervisor::new(self.faults.clone());
+        for (name, task) in self.loops {
+            supervisor.spawn(name, task);
+        }
+        if let Some(config) = self.projector {
+            let task = projector::run(self.pool.clone(), config, shutdown.clone());
+            supervisor.spawn("projector", Box::pin(task));
+        }
+        if let Some((client, config)) = self.enricher {
+            let task = enricher::run(self.pool.clone(), client, config, shutdown.clone());
+            supervisor.spawn("enricher", Box::pin(task));
+        }
+        let refresh = self
+            .readiness
+            .clone()
+            .refresh(self.pool.clone(), shutdown.clone());
+        supervisor.spawn("readiness", Box::pin(refresh));
+        let grace = self.limits.shutdown_grace;
+        let served = serve(self.listener, self.router, shutdown.clone(), self.limits);
+        tokio::pin!(served);
+        let served = loop {
+            tokio::select! {
+                served = &mut served => break served,
+                died = supervisor.first_exit() => {
+                    if shutdown.is_cancelled() {
+                        continue; // stopping as asked: tasks end one by one
+                    }
+                    self.readiness.task_stopped(died.task);
+                    tracing::error!(task = died.task, how = %died.how,
+                        "a background task stopped; exiting so that a fresh process takes over");
+                    shutdown.cancel();
+                    return Err(died.into());
+                }
+            }
+        };
         shutdown.cancel();
-        if let Some(projector) = projector {
-            projector.await.context("projector task failed")?;
-        }
-        if let Some(enricher) = enricher {
-            enricher.await.context("enricher task failed")?;
-        }
+        supervisor.stop(grace).await;
         self.pool.close().await;
         served.context("HTTP server failed")
     }

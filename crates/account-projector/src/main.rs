@@ -202,6 +202,7 @@ struct SecretArgs {
         long,
         env = "ARGYLE_WEBHOOK_SECRETS",
         value_delimiter = ',',
+        value_parser = list_entry,
         hide_env_values = true
     )]
     webhook_secrets: Vec<String>,
@@ -212,6 +213,15 @@ fn webhook_secret(raw: &str) -> Result<String, String> {
         Err("a webhook secret must be non-empty, without commas or whitespace".into())
     } else {
         Ok(raw.to_owned())
+    }
+}
+
+/// One entry of a comma-separated list of secrets or tokens: surrounding whitespace trimmed (so
+/// `old, new` means `new`, not ` new`), and an empty entry refused (`,` is no token at all).
+fn list_entry(raw: &str) -> Result<String, String> {
+    match raw.trim() {
+        "" => Err("the list has an empty entry (two commas in a row, or a comma at an end)".into()),
+        entry => Ok(entry.to_owned()),
     }
 }
 
@@ -254,6 +264,7 @@ struct ServeArgs {
         long,
         env = "API_TOKENS",
         value_delimiter = ',',
+        value_parser = list_entry,
         hide_env_values = true
     )]
     api_tokens: Vec<String>,

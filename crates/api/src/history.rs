@@ -74,22 +74,28 @@ impl Params {
             })
     }
 
-    /// `?as_of=<RFC 3339>` or `?at_position=<N>` (not both), if either is given.
+    /// `?as_of=<RFC 3339>` and/or `?at_position=<N>`, if either is given; with both, both apply.
     pub(crate) fn until(&self) -> Result<Option<Until>, Problem> {
-        match (self.0.get("as_of"), self.0.contains_key("at_position")) {
-            (Some(_), true) => Err(invalid_query("give as_of or at_position, not both")),
-            (Some(raw), false) => DateTime::parse_from_rfc3339(raw)
-                .map(|t| Some(Until::ReceivedAt(t.with_timezone(&Utc))))
-                .map_err(|_| {
-                    invalid_query("as_of must be an RFC 3339 date-time, e.g. 2026-03-03T10:00:00Z")
-                }),
-            (None, true) => Ok(Some(Until::Position(self.integer(
-                "at_position",
-                0,
-                0..=i64::MAX,
-            )?))),
-            (None, false) => Ok(None),
-        }
+        let received_at = match self.0.get("as_of") {
+            None => None,
+            Some(raw) => Some(
+                DateTime::parse_from_rfc3339(raw)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|_| {
+                        invalid_query(
+                            "as_of must be an RFC 3339 date-time, e.g. 2026-03-03T10:00:00Z",
+                        )
+                    })?,
+            ),
+        };
+        let position = match self.0.contains_key("at_position") {
+            false => None,
+            true => Some(self.integer("at_position", 0, 0..=i64::MAX)?),
+        };
+        Ok((received_at.is_some() || position.is_some()).then_some(Until {
+            position,
+            received_at,
+        }))
     }
 
     fn page(&self) -> Result<(i64, i64), Problem> {
@@ -115,15 +121,13 @@ pub(crate) async fn replay(
     Ok(snapshot)
 }
 
-/// One fold step; also says whether the event was folded.
+/// One fold step ([`domain::step`], as every fold of the log); also says whether the event was
+/// folded.
 fn step(
     snapshot: Option<AccountSnapshot>,
     stored: &store::log::StoredEvent,
 ) -> (Option<AccountSnapshot>, bool) {
-    let Ok(logged) = stored.to_logged() else {
-        return (snapshot, false);
-    };
-    match domain::apply(snapshot.clone(), &logged) {
+    match domain::step(snapshot.clone(), stored.raw()) {
         Ok(next) => (next, true),
         Err(_) => (snapshot, false),
     }
@@ -193,6 +197,10 @@ fn cut_page<T>(
     (rows, next_after)
 }
 
+/// A page of events ends once its bodies pass this many bytes (the event that passes it included),
+/// so one page holds at most this plus one body, whatever `limit` asks.
+pub(crate) const PAGE_BODY_BYTES: usize = 8 << 20;
+
 async fn page(
     state: &ApiState,
     account: Option<Uuid>,
@@ -200,9 +208,28 @@ async fn page(
 ) -> Result<Json<EventPage>, Problem> {
     let (after, limit) = Params::parse(query)?.page()?;
     let mut conn = state.db.acquire().await?;
-    let records = store::log::page(&mut conn, account, after, limit + 1).await?;
+    let mut records = Vec::new();
+    let mut bytes = 0usize;
+    let mut cut_short = false;
+    {
+        // Streamed, so the rows past the byte bound are never fetched into memory.
+        let mut rows = store::log::page(&mut conn, account, after, limit + 1);
+        while let Some(record) = rows.try_next().await? {
+            if bytes >= PAGE_BODY_BYTES {
+                cut_short = true;
+                break;
+            }
+            bytes += record.body.len();
+            records.push(record);
+        }
+    }
     conn.release();
-    let (records, next_after) = cut_page(records, limit, |r| r.position);
+    let (records, next_after) = if cut_short {
+        let next = records.last().map(|r| r.position);
+        (records, next)
+    } else {
+        cut_page(records, limit, |r| r.position)
+    };
     let events = records
         .into_iter()
         .map(EventView::try_from)
@@ -264,49 +291,65 @@ pub(crate) struct Change {
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct Changes {
     changes: Vec<Change>,
+    /// Pass as `after` for the next page; null on the last.
+    next_after: Option<i64>,
 }
 
-/// Field-level history: one entry per event that changed the resource, as an RFC 6902 patch.
+/// Field-level history: one entry per event that changed the resource, as an RFC 6902 patch,
+/// paged like the events (`after` a position, `limit` entries).
 #[utoipa::path(
     get,
     path = "/v1/accounts/{account_id}/changes",
     tag = "audit",
-    params(("account_id" = Uuid, Path, description = "Argyle account id", example = "0187c66e-e7e5-811c-b006-2232f00f426a")),
+    params(("account_id" = Uuid, Path, description = "Argyle account id", example = "0187c66e-e7e5-811c-b006-2232f00f426a"), PageParams),
     responses(
-        (status = 200, description = "The account's resource changes in log order", body = Changes),
-        (status = 400, description = "`invalid_id`: not a UUID",
+        (status = 200, description = "A page of the account's resource changes in log order", body = Changes),
+        (status = 400, description = "`invalid_id`: not a UUID; `invalid_query`: bad `after` / `limit`",
             body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn account_changes(
     State(state): State<Arc<ApiState>>,
     Path(raw): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Changes>, Problem> {
     let account = parse_id(&raw, "account_id")?;
+    let (after, limit) = Params::parse(query.as_deref())?.page()?;
     let mut conn = state.db.acquire().await?;
-    let mut events = store::log::account_history(&mut conn, account, Until::End);
+    // The fold streams from the account's first event (the resource before `after` is needed for
+    // the first patch), holding one snapshot; only this page's patches are built.
+    let mut events = store::log::account_history(&mut conn, account, Until::END);
     let mut snapshot: Option<AccountSnapshot> = None;
     let mut changes = vec![];
+    let mut next_after = None;
     while let Some(stored) = events.try_next().await? {
         let before = snapshot.as_ref().and_then(|s| s.resource.clone());
         let (next, folded) = step(snapshot, &stored);
         snapshot = next;
-        let after = snapshot.as_ref().and_then(|s| s.resource.as_ref());
-        if let (true, Some(after)) = (folded, after)
-            && before.as_ref() != Some(after)
-        {
-            let before = before.map(|r| r.value()).unwrap_or_default();
-            changes.push(Change {
-                position: stored.position,
-                event: stored.event.clone(),
-                received_at: stored.received_at,
-                patch: json_patch::diff(&before, &after.value()),
-            });
+        let after_resource = snapshot.as_ref().and_then(|s| s.resource.as_ref());
+        let changed = folded && after_resource.is_some() && before.as_ref() != after_resource;
+        if !changed || stored.position <= after {
+            continue;
         }
+        if changes.len() as i64 == limit {
+            next_after = changes.last().map(|c: &Change| c.position);
+            break;
+        }
+        let before = before.map(|r| r.value()).unwrap_or_default();
+        let after_value = after_resource.map(|r| r.value()).unwrap_or_default();
+        changes.push(Change {
+            position: stored.position,
+            event: stored.event.clone(),
+            received_at: stored.received_at,
+            patch: json_patch::diff(&before, &after_value),
+        });
     }
     drop(events);
     conn.release();
-    Ok(Json(Changes { changes }))
+    Ok(Json(Changes {
+        changes,
+        next_after,
+    }))
 }
 
 /// An event the fold refused, with the reason.

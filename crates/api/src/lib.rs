@@ -69,12 +69,68 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// `/healthz` (the process answers) and `/readyz` (database reachable, migrations applied).
-pub fn health_router(pool: PgPool) -> Router {
+/// `/healthz` (the process answers) and `/readyz` (answered from [`Readiness`], never by a query).
+pub fn health_router(readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(pool)
+        .with_state(readiness)
+}
+
+/// Whether this process is ready, as last seen: the database check refreshed by
+/// [`Readiness::refresh`] at most once a second, and whether every task of its roles still runs.
+/// `/readyz` reads it and so costs no query, however often it is asked.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness(Arc<std::sync::Mutex<ReadinessState>>);
+
+#[derive(Debug, Default)]
+struct ReadinessState {
+    /// The last database check; `None` before the first.
+    database: Option<Result<(), store::NotReady>>,
+    /// A task of this process's roles that stopped.
+    dead_task: Option<&'static str>,
+}
+
+/// How often [`Readiness::refresh`] checks the database, and how long one check may take.
+pub const READINESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Readiness {
+    /// Why the process is not ready, if it is not.
+    pub fn check(&self) -> Result<(), String> {
+        let state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = state.dead_task {
+            return Err(format!("the {task} task has stopped"));
+        }
+        match state.database {
+            None => Err("starting".into()),
+            Some(Err(reason)) => Err(reason.to_string()),
+            Some(Ok(())) => Ok(()),
+        }
+    }
+
+    /// Marks a task of this process's roles as stopped: not ready from now on.
+    pub fn task_stopped(&self, task: &'static str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).dead_task = Some(task);
+    }
+
+    /// Checks the database once (at most [`READINESS_INTERVAL`]) and keeps the answer.
+    pub async fn check_database(&self, pool: &PgPool) {
+        let checked = tokio::time::timeout(READINESS_INTERVAL, store::check_ready(pool))
+            .await
+            .unwrap_or(Err(store::NotReady::Unavailable));
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).database = Some(checked);
+    }
+
+    /// Checks the database every [`READINESS_INTERVAL`] until `shutdown` fires.
+    pub async fn refresh(self, pool: PgPool, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            self.check_database(&pool).await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(READINESS_INTERVAL) => {}
+            }
+        }
+    }
 }
 
 async fn require_token(
@@ -136,11 +192,11 @@ pub(crate) fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
         ("as_of" = Option<chrono::DateTime<chrono::Utc>>, Query,
             description = "RFC 3339 instant: the view folded from events received at or before it"),
         ("at_position" = Option<i64>, Query, minimum = 0,
-            description = "The view folded from events at log positions up to and including this one"),
+            description = "The view folded from events at log positions up to and including this one; with `as_of` too, both bounds apply"),
     ),
     responses(
         (status = 200, description = "The account view", body = AccountView),
-        (status = 400, description = "`invalid_id`: not a UUID; `invalid_query`: bad `as_of` / `at_position`, or both given",
+        (status = 400, description = "`invalid_id`: not a UUID; `invalid_query`: bad `as_of` / `at_position`",
             body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not_found`: no such account (at that time)",
             body = Problem, content_type = "application/problem+json"),
@@ -219,19 +275,20 @@ async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// Readiness: the database answers and every migration is applied.
+/// Readiness: the database answers, every migration is applied, and every task of this process's
+/// roles runs (as last checked, at most a second ago).
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "operations",
     responses(
         (status = 200, description = "Ready to serve", body = Health, example = json!({"status": "ready"})),
-        (status = 503, description = "`not_ready`: the database is unreachable or migrations are pending",
+        (status = 503, description = "`not_ready`: the database is unreachable, migrations are pending, or a task of this process has stopped",
             body = Problem, content_type = "application/problem+json"),
     )
 )]
-async fn readyz(State(pool): State<PgPool>) -> Result<Json<Health>, Problem> {
-    match store::check_ready(&pool).await {
+async fn readyz(State(readiness): State<Readiness>) -> Result<Json<Health>, Problem> {
+    match readiness.check() {
         Ok(()) => Ok(Json(Health { status: "ready" })),
         Err(reason) => Err(Problem {
             retry_after: Some(5),

@@ -39,9 +39,19 @@ impl SnapshotReader {
     /// (connection included) is abandoned and its lookups are answered 503, so one stuck
     /// connection cannot hold up every later lookup.
     pub fn start(db: KeptConnections, timeout: Duration) -> Self {
+        let (reader, read_loop) = Self::new(db, timeout);
+        tokio::spawn(read_loop);
+        reader
+    }
+
+    /// [`SnapshotReader::start`] without the spawn: a handle and the reading loop, for the caller
+    /// to run as a supervised task.
+    pub fn new(
+        db: KeptConnections,
+        timeout: Duration,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (lookups, queue) = mpsc::channel(MAX_READ_BATCH * 8);
-        tokio::spawn(read_loop(db, timeout, queue));
-        Self { lookups }
+        (Self { lookups }, read_loop(db, timeout, queue))
     }
 
     /// The account's current snapshot, read by a query that started after this call.

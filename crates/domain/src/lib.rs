@@ -18,5 +18,5 @@ pub mod snapshot;
 pub use envelope::{ACCOUNT_FETCHED, ACCOUNT_NOT_FOUND, Envelope, EnvelopeError, EventKind};
 pub use resource::Resource;
 pub use snapshot::{
-    AccountSnapshot, AccountStatus, AccountView, FoldError, LoggedEvent, apply, fold,
+    AccountSnapshot, AccountStatus, AccountView, FoldError, LoggedEvent, RawEvent, apply, fold, step,
 };

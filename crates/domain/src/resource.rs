@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::envelope::{ObjectProbe, string_lossy};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -21,60 +23,50 @@ pub struct Resource {
     /// `updated_at` is present but not a string (a string that is not RFC 3339 is merely unparseable).
     updated_at_mistyped: bool,
     updated_at: Option<DateTime<Utc>>,
+    /// `updated_at` is an RFC 3339 instant outside what the store holds (see [`STORABLE_YEARS`]).
+    updated_at_out_of_range: bool,
     connection_status: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct Probe<'a> {
-    #[serde(borrow)]
-    updated_at: Option<&'a RawValue>,
-    #[serde(borrow)]
-    connection: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct ConnectionProbe<'a> {
-    #[serde(borrow)]
-    status: Option<&'a RawValue>,
-}
+/// The years (in UTC) of an `updated_at` the store can hold: what four RFC 3339 digits can write
+/// and Postgres `timestamptz` reads back (it has no year 0 and writes earlier years as BC).
+pub const STORABLE_YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
 
 fn is_object(raw: &RawValue) -> bool {
     raw.get().trim_start().starts_with('{')
 }
 
-fn as_string(raw: &RawValue) -> Option<String> {
-    serde_json::from_str::<String>(raw.get()).ok()
-}
 
 impl Resource {
     /// Wraps a JSON value of any kind; only objects carry `updated_at` and a connection status.
     pub fn from_raw(raw: &RawValue) -> Self {
         let object = is_object(raw);
         let probe = if object {
-            serde_json::from_str::<Probe>(raw.get()).ok()
+            ObjectProbe::of(raw.get(), ["updated_at", "connection"]).ok()
         } else {
             None
         };
-        let raw_updated_at = probe
-            .as_ref()
-            .and_then(|p| p.updated_at)
-            .filter(|r| r.get() != "null");
+        let [raw_updated_at, connection] = probe.map(|p| p.found).unwrap_or_default();
+        let raw_updated_at = raw_updated_at.filter(|r| r.get() != "null");
         let updated_at_mistyped = raw_updated_at.is_some_and(|r| !r.get().starts_with('"'));
-        let updated_at = raw_updated_at
-            .and_then(as_string)
+        let parsed = raw_updated_at
+            .and_then(string_lossy)
             .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
             .map(|t| t.with_timezone(&Utc));
-        let connection_status = probe
-            .and_then(|p| p.connection)
+        let updated_at_out_of_range =
+            parsed.is_some_and(|t| !STORABLE_YEARS.contains(&chrono::Datelike::year(&t)));
+        let updated_at = parsed.filter(|_| !updated_at_out_of_range);
+        let connection_status = connection
             .filter(|c| is_object(c))
-            .and_then(|c| serde_json::from_str::<ConnectionProbe>(c.get()).ok())
-            .and_then(|c| c.status)
-            .and_then(as_string);
+            .and_then(|c| ObjectProbe::of(c.get(), ["status"]).ok())
+            .and_then(|c| c.found[0])
+            .and_then(string_lossy);
         Self {
             raw: Arc::from(raw.get()),
             is_object: object,
             updated_at_mistyped,
             updated_at,
+            updated_at_out_of_range,
             connection_status,
         }
     }
@@ -91,9 +83,17 @@ impl Resource {
         &self.raw
     }
 
-    /// The resource as a tree (parsed on each call).
+    /// The resource as a tree (parsed on each call), or `None` for valid JSON that a tree cannot
+    /// hold: a number beyond `f64`, an escaped surrogate that is not half of a pair.
+    pub fn try_value(&self) -> Option<Value> {
+        serde_json::from_str(&self.raw).ok()
+    }
+
+    /// The resource as a tree; JSON a tree cannot hold (see [`Resource::try_value`]) becomes the
+    /// string of its text, so this never fails.
     pub fn value(&self) -> Value {
-        serde_json::from_str(&self.raw).expect("a Resource holds valid JSON")
+        self.try_value()
+            .unwrap_or_else(|| Value::String(self.raw.to_string()))
     }
 
     /// Whether it is a JSON object, as an account object must be.
@@ -106,7 +106,12 @@ impl Resource {
         self.updated_at_mistyped
     }
 
-    /// `updated_at`, when it is an RFC 3339 string.
+    /// True when `updated_at` is an RFC 3339 instant whose UTC year is outside [`STORABLE_YEARS`].
+    pub fn updated_at_out_of_range(&self) -> bool {
+        self.updated_at_out_of_range
+    }
+
+    /// `updated_at`, when it is an RFC 3339 string of a storable instant.
     pub fn updated_at(&self) -> Option<DateTime<Utc>> {
         self.updated_at
     }
@@ -120,7 +125,9 @@ impl Resource {
 /// Equal when the JSON is equal, whatever the formatting or key order.
 impl PartialEq for Resource {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.raw, &other.raw) || self.raw == other.raw || self.value() == other.value()
+        Arc::ptr_eq(&self.raw, &other.raw)
+            || self.raw == other.raw
+            || matches!((self.try_value(), other.try_value()), (Some(a), Some(b)) if a == b)
     }
 }
 

@@ -90,6 +90,12 @@ pub enum FoldError {
     ResourceNotObject,
     #[error("data.resource.updated_at is not a string")]
     UpdatedAtNotString,
+    #[error("data.resource.updated_at is outside the years 0001 to 9999 once converted to UTC")]
+    UpdatedAtOutOfRange,
+    #[error("the stored body does not parse: {0}")]
+    BodyUnparseable(String),
+    #[error("the fold panicked: {0}")]
+    Panicked(String),
 }
 
 impl AccountSnapshot {
@@ -189,6 +195,10 @@ pub fn apply(
     if resource.is_some_and(Resource::updated_at_mistyped) {
         return Err(FoldError::UpdatedAtNotString);
     }
+    // Range-checked here so that the fold only ever produces snapshots the store can write.
+    if resource.is_some_and(Resource::updated_at_out_of_range) {
+        return Err(FoldError::UpdatedAtOutOfRange);
+    }
     let mut next = match snapshot {
         Some(s) if s.account_id != account_id => {
             return Err(FoldError::WrongAccount {
@@ -241,6 +251,42 @@ pub fn apply(
         }
     }
     Ok(Some(next))
+}
+
+/// One event as the log stores it, before its body is parsed: what every fold of the log reads.
+#[derive(Debug, Clone, Copy)]
+pub struct RawEvent<'a> {
+    pub position: i64,
+    pub received_at: DateTime<Utc>,
+    /// The body exactly as received.
+    pub body: &'a [u8],
+}
+
+/// The fold step every fold of the log takes (projector, rebuild, verify, time travel, history):
+/// parses the stored body and [`apply`]s it. A body that does not parse, an event the fold
+/// refuses, and a panic inside the fold (a bug) are all a [`FoldError`]: the caller keeps the
+/// snapshot it had and goes on with the next event, so no single event can stop a fold.
+pub fn step(
+    snapshot: Option<AccountSnapshot>,
+    event: RawEvent<'_>,
+) -> Result<Option<AccountSnapshot>, FoldError> {
+    let envelope =
+        Envelope::parse_logged(event.body).map_err(|e| FoldError::BodyUnparseable(e.to_string()))?;
+    let logged = LoggedEvent {
+        position: event.position,
+        received_at: event.received_at,
+        envelope,
+    };
+    // `apply` owns nothing outside its arguments, so a panic leaves nothing half-changed.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(snapshot, &logged)))
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(FoldError::Panicked(message))
+        })
 }
 
 /// Folds a sequence of one account's events from nothing, skipping events the fold refuses.

@@ -44,12 +44,23 @@ impl std::fmt::Debug for Job {
 }
 
 impl Committer {
-    /// Starts the committing task; it ends when the last handle is dropped, after its last batch.
-    pub fn start(pool: PgPool, dedup_window: Duration, max_batch: usize) -> Self {
+    /// A handle and the committing loop, for the caller to run as a supervised task; the loop
+    /// ends when the last handle is dropped, after its last batch.
+    pub fn new(
+        pool: PgPool,
+        dedup_window: Duration,
+        max_batch: usize,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let max_batch = max_batch.max(1);
         let (jobs, queue) = mpsc::channel(max_batch * 8);
-        tokio::spawn(commit_loop(pool, dedup_window, max_batch, queue));
-        Self { jobs }
+        (Self { jobs }, commit_loop(pool, dedup_window, max_batch, queue))
+    }
+
+    /// [`Committer::new`], its loop spawned on its own.
+    pub fn start(pool: PgPool, dedup_window: Duration, max_batch: usize) -> Self {
+        let (committer, commit_loop) = Self::new(pool, dedup_window, max_batch);
+        tokio::spawn(commit_loop);
+        committer
     }
 
     /// Appends one delivery; returns once it is committed (or failed).

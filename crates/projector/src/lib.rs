@@ -25,7 +25,7 @@ use domain::{AccountSnapshot, EventKind};
 use sqlx::{Connection, PgConnection};
 use store::PgPool;
 use store::log::{AppendNotifications, StoredEvent};
-use store::quarantine::Refusal;
+use store::quarantine::{RefusedBy, Refusal};
 use store::snapshots::{CHECKPOINT, Table};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -70,7 +70,11 @@ pub async fn run(pool: PgPool, config: ProjectorConfig, shutdown: CancellationTo
         match lead(&pool, &config, &shutdown).await {
             Ok(()) => break,
             Err(error) => {
-                tracing::warn!(%error, "projector lost its database connection; retrying");
+                if error.is_unavailable() {
+                    tracing::warn!(%error, "projector lost its database connection; retrying");
+                } else {
+                    tracing::error!(error = %error.reason(), "projector batch failed; retrying");
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(config.retry_interval) => {}
@@ -118,7 +122,8 @@ async fn lead(
             metrics::gauge!("log_head_position").set(head as f64);
             metrics::gauge!("projector_checkpoint_position").set(outcome.checkpoint as f64);
             metrics::gauge!("projector_lag_events").set((head - outcome.checkpoint).max(0) as f64);
-            if (outcome.events as i64) < config.batch_size {
+            // Caught up, not merely a short batch: a batch cut short by a refusal goes on at once.
+            if outcome.checkpoint >= head {
                 break;
             }
         }
@@ -141,8 +146,56 @@ impl Drop for NotLeaderOnDrop {
 
 /// Folds the next batch after the checkpoint and commits the changed snapshots with the new
 /// checkpoint. `conn` must be the leader's connection.
+///
+/// # No single event stops the projector
+/// When the database refuses the batch's writes ([`store::Error::is_refusal`]: a value it cannot
+/// hold, a statement timeout on an oversized batch, a trigger), the batch is retried at half its
+/// size, and again, until the one event whose snapshot cannot be written is alone; that event is
+/// quarantined with the database's reason ([`RefusedBy::Store`]) and the checkpoint moves past it.
+/// Any other error (connection lost, serialization) is returned, and the same batch is retried.
 #[tracing::instrument(skip(conn))]
 pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Result<BatchOutcome> {
+    let mut size = batch_size.max(1);
+    loop {
+        match try_batch(conn, size).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(Attempt::Refused { events, error, .. }) if events > 1 => {
+                size = (events as i64 / 2).max(1);
+                tracing::warn!(events, retry_with = size, error = %error.reason(),
+                    "the database refused a batch's snapshots; retrying it in smaller parts");
+            }
+            Err(Attempt::Refused { first, error, .. }) => {
+                return quarantine_alone(conn, &first, &error).await;
+            }
+            Err(Attempt::Failed(error)) => return Err(error),
+        }
+    }
+}
+
+/// How one attempt at a batch failed.
+enum Attempt {
+    /// The database refused the batch's writes: a smaller batch may pass.
+    Refused {
+        events: usize,
+        first: StoredEvent,
+        error: store::Error,
+    },
+    Failed(store::Error),
+}
+
+impl From<store::Error> for Attempt {
+    fn from(error: store::Error) -> Self {
+        Self::Failed(error)
+    }
+}
+
+impl From<sqlx::Error> for Attempt {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+async fn try_batch(conn: &mut PgConnection, batch_size: i64) -> Result<BatchOutcome, Attempt> {
     let mut tx = conn.begin().await?;
     let checkpoint = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
     let events = store::log::read_after(&mut tx, checkpoint, batch_size).await?;
@@ -153,7 +206,17 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
             ..BatchOutcome::default()
         });
     };
-    let (snapshots_written, refused) = fold_into(&mut tx, Table::Live, &events).await?;
+    let (snapshots_written, refused) = match fold_into(&mut tx, Table::Live, &events).await {
+        Ok(written) => written,
+        Err(error) if error.is_refusal() => {
+            return Err(Attempt::Refused {
+                events: events.len(),
+                first: events[0].clone(),
+                error,
+            });
+        }
+        Err(error) => return Err(error.into()),
+    };
     store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, last).await?;
     tx.commit().await?;
     let newest = events
@@ -170,6 +233,37 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
         snapshots_written,
         refused,
         checkpoint: last,
+    })
+}
+
+/// Quarantines `event`, the first after the checkpoint, whose snapshot the database refused to
+/// write even alone, and moves the checkpoint past it.
+async fn quarantine_alone(
+    conn: &mut PgConnection,
+    event: &StoredEvent,
+    error: &store::Error,
+) -> store::Result<BatchOutcome> {
+    let reason = error.reason();
+    tracing::warn!(position = event.position, account = ?event.account_id, event = %event.event,
+        %reason, "event quarantined: the database refused its snapshot");
+    let mut tx = conn.begin().await?;
+    let checkpoint = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
+    let refusal = Refusal {
+        position: event.position,
+        account_id: event.account_id,
+        event: event.event.clone(),
+        error: format!("the database refused the snapshot: {reason}"),
+        refused_by: RefusedBy::Store,
+    };
+    store::quarantine::record(&mut tx, std::slice::from_ref(&refusal)).await?;
+    store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, event.position).await?;
+    tx.commit().await?;
+    metrics::counter!("quarantined_events_total").increment(1);
+    Ok(BatchOutcome {
+        events: 1,
+        snapshots_written: 0,
+        refused: 1,
+        checkpoint: event.position,
     })
 }
 
@@ -221,18 +315,21 @@ pub(crate) async fn fold_into(
     Ok((changed.len(), refusals.len()))
 }
 
-/// Applies one stored event with [`domain::apply`]. A body that no longer parses or an event the
-/// fold refuses becomes a [`Refusal`] (logged here), and the snapshot stays as it was.
+/// Applies one stored event with the fold step every fold of the log takes ([`domain::step`]). An
+/// event it refuses becomes a [`Refusal`] (logged here), and the snapshot stays as it was.
 pub(crate) fn fold_stored(
     current: Option<AccountSnapshot>,
     stored: &StoredEvent,
 ) -> Result<Option<AccountSnapshot>, Refusal> {
-    let outcome = match stored.to_logged() {
-        Ok(logged) => domain::apply(current, &logged).map_err(|e| e.to_string()),
-        Err(error) => Err(format!("stored body does not parse: {error}")),
-    };
-    outcome.map_err(|error| {
+    domain::step(current, stored.raw()).map_err(|error| {
+        let error = error.to_string();
         tracing::warn!(position = stored.position, account = ?stored.account_id, %error, "event quarantined");
-        Refusal { position: stored.position, account_id: stored.account_id, event: stored.event.clone(), error }
+        Refusal {
+            position: stored.position,
+            account_id: stored.account_id,
+            event: stored.event.clone(),
+            error,
+            refused_by: RefusedBy::Fold,
+        }
     })
 }

@@ -19,7 +19,7 @@ use futures_util::TryStreamExt;
 use sqlx::Connection;
 use store::PgPool;
 use store::log::StoredEvent;
-use store::quarantine::Refusal;
+use store::quarantine::{RefusedBy, Refusal};
 use store::snapshots::{CHECKPOINT, Table};
 use uuid::Uuid;
 
@@ -147,7 +147,7 @@ pub async fn rebuild_all(
             if let Some(done) = folder.push(&stored) {
                 buffer.push(done);
                 if buffer.len() >= WRITE_BATCH {
-                    store::snapshots::save(&mut writer, Table::Rebuild, &buffer).await?;
+                    save_rebuilt(&mut writer, &mut buffer, head).await?;
                     store::quarantine::record(&mut writer, &folder.refusals).await?;
                     buffer.clear();
                     folder.refusals.clear();
@@ -161,7 +161,7 @@ pub async fn rebuild_all(
         progress.advance(events % 256);
         store::quarantine::record(&mut writer, &folder.refusals).await?;
         buffer.extend(folder.finish());
-        store::snapshots::save(&mut writer, Table::Rebuild, &buffer).await?;
+        save_rebuilt(&mut writer, &mut buffer, head).await?;
     }
     read.commit().await?;
     progress.finish();
@@ -173,7 +173,9 @@ pub async fn rebuild_all(
     while folded_to < checkpoint {
         // Positions are dense, so this reads exactly the events up to the live checkpoint.
         let limit = (checkpoint - folded_to).min(WRITE_BATCH as i64);
-        let batch = store::log::read_after(&mut swap, folded_to, limit).await?;
+        let mut batch = store::log::read_after(&mut swap, folded_to, limit).await?;
+        // Events the database refused are left out of the read, so it may reach past the checkpoint.
+        batch.retain(|e| e.position <= checkpoint);
         let Some(last) = batch.last().map(|e| e.position) else {
             break;
         };
@@ -199,6 +201,75 @@ pub async fn rebuild_all(
         accounts,
         checkpoint: new_checkpoint,
     })
+}
+
+/// Writes rebuilt snapshots to the shadow table. When the database refuses the whole write (see
+/// [`store::Error::is_refusal`]), each snapshot is written alone, and an account whose snapshot is
+/// refused even alone is folded again event by event, writing after each, so the event whose
+/// snapshot cannot be written is found, quarantined as [`RefusedBy::Store`] exactly as the live
+/// projector does, and left out; the account's other events still apply.
+async fn save_rebuilt(
+    writer: &mut store::PgConnection,
+    buffer: &mut Vec<AccountSnapshot>,
+    head: i64,
+) -> Result<(), RebuildError> {
+    let snapshots = std::mem::take(buffer);
+    match store::snapshots::save(writer, Table::Rebuild, &snapshots).await {
+        Err(error) if error.is_refusal() && snapshots.len() > 1 => {}
+        Err(error) if error.is_refusal() => {
+            return refold_alone(writer, snapshots[0].account_id, head).await;
+        }
+        other => return Ok(other?),
+    }
+    for snapshot in snapshots {
+        match store::snapshots::save(writer, Table::Rebuild, std::slice::from_ref(&snapshot)).await
+        {
+            Err(error) if error.is_refusal() => {
+                refold_alone(writer, snapshot.account_id, head).await?;
+            }
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Folds one account's events up to `head` again, writing the shadow snapshot after each event and
+/// quarantining every event whose snapshot the database refuses.
+async fn refold_alone(
+    writer: &mut store::PgConnection,
+    account: Uuid,
+    head: i64,
+) -> Result<(), RebuildError> {
+    let events: Vec<StoredEvent> = store::log::account_events_by_account(writer, head, Some(account))
+        .try_collect()
+        .await?;
+    let mut state: Option<AccountSnapshot> = None;
+    for stored in &events {
+        let Ok(Some(next)) = fold_stored(state.clone(), stored) else {
+            continue;
+        };
+        match store::snapshots::save(writer, Table::Rebuild, std::slice::from_ref(&next)).await {
+            Ok(()) => state = Some(next),
+            Err(error) if error.is_refusal() => {
+                let reason = error.reason();
+                tracing::warn!(position = stored.position, %account, %reason,
+                    "event quarantined: the database refused its snapshot");
+                let refusal = Refusal {
+                    position: stored.position,
+                    account_id: stored.account_id,
+                    event: stored.event.clone(),
+                    error: format!("the database refused the snapshot: {reason}"),
+                    refused_by: RefusedBy::Store,
+                };
+                store::quarantine::record(writer, std::slice::from_ref(&refusal)).await?;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    if state.is_none() {
+        store::snapshots::delete_from(writer, Table::Rebuild, account).await?;
+    }
+    Ok(())
 }
 
 /// Refolds one account's snapshot from its events up to the live checkpoint, in the live table.

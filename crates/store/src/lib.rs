@@ -96,6 +96,39 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
     }
+
+    /// True when the database refused what a statement carried rather than failed to run it: a
+    /// value it cannot hold (SQLSTATE class 22), a constraint (23), a program limit (54), an error a
+    /// trigger raised (P0001), a value that could not be encoded, or a statement that ran past the
+    /// statement timeout (57014). Sending the same statement again fails the same way; a statement
+    /// carrying less may not. Connection loss, shutdown, serialization failures and deadlocks are
+    /// not refusals: they are retried as they are.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::Database(sqlx::Error::Encode(_)) => true,
+            Self::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
+                code.starts_with("22")
+                    || code.starts_with("23")
+                    || code.starts_with("54")
+                    || code == "P0001"
+            }),
+            Self::Unavailable(sqlx::Error::Database(db)) => db.code().as_deref() == Some("57014"),
+            _ => false,
+        }
+    }
+
+    /// What the database said, for a log line or a quarantine record: its message and SQLSTATE.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Database(sqlx::Error::Database(db)) | Self::Unavailable(sqlx::Error::Database(db)) => {
+                match db.code() {
+                    Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+                    None => db.message().to_owned(),
+                }
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 fn is_transient(error: &sqlx::Error) -> bool {

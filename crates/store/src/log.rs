@@ -120,6 +120,15 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
+    /// The fold step's input ([`domain::step`]).
+    pub fn raw(&self) -> domain::RawEvent<'_> {
+        domain::RawEvent {
+            position: self.position,
+            received_at: self.received_at,
+            body: &self.body,
+        }
+    }
+
     /// Parses the stored body into the fold's input.
     pub fn to_logged(&self) -> Result<LoggedEvent, EnvelopeError> {
         Ok(LoggedEvent {
@@ -130,17 +139,22 @@ impl StoredEvent {
     }
 }
 
-/// Up to `limit` events with `position > after`, in log order.
+/// Leaves out the events the database refused to fold (see [`crate::quarantine::RefusedBy::Store`]):
+/// every fold of the log reads through it, so none folds what the projector could not write.
+const NOT_REFUSED_BY_STORE: &str = "NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.position = events.position AND q.refused_by = 'store')";
+
+/// Up to `limit` events with `position > after`, in log order, but those the database refused to
+/// fold (see [`NOT_REFUSED_BY_STORE`]).
 #[tracing::instrument(skip(conn))]
 pub async fn read_after(
     conn: &mut PgConnection,
     after: i64,
     limit: i64,
 ) -> Result<Vec<StoredEvent>> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT position, received_at, event, account_id, user_id, body
-         FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-    )
+         FROM events WHERE position > $1 AND {NOT_REFUSED_BY_STORE} ORDER BY position LIMIT $2"
+    )))
     .bind(after)
     .bind(limit)
     .fetch_all(conn)
@@ -213,14 +227,14 @@ pub struct EventRecord {
 const RECORD_COLUMNS: &str = "e.position, e.received_at, e.event, e.account_id, e.user_id, e.body, e.body_sha256, \
      e.signature, 1 + (SELECT count(*) FROM redeliveries r WHERE r.position = e.position) AS deliveries";
 
-/// Up to `limit` events after `after` in log order, of one account or of the whole log.
-#[tracing::instrument(skip(conn))]
-pub async fn page(
+/// Up to `limit` events after `after` in log order, of one account or of the whole log, streamed
+/// so a caller can stop early (a page bounded by bytes as well as by rows).
+pub fn page(
     conn: &mut PgConnection,
     account: Option<Uuid>,
     after: i64,
     limit: i64,
-) -> Result<Vec<EventRecord>> {
+) -> BoxStream<'_, Result<EventRecord>> {
     let query = match account {
         Some(account) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {RECORD_COLUMNS} FROM events e WHERE e.account_id = $3 AND e.position > $1 ORDER BY e.position LIMIT $2"
@@ -234,7 +248,7 @@ pub async fn page(
         .bind(after)
         .bind(limit),
     };
-    Ok(query.fetch_all(conn).await?)
+    query.fetch(conn).map(|row| row.map_err(Into::into)).boxed()
 }
 
 /// Which events an export covers. Every bound is optional; `since` is inclusive, `until` exclusive,
@@ -274,39 +288,43 @@ pub fn export(conn: &mut PgConnection, filter: ExportFilter) -> BoxStream<'_, Re
     .boxed()
 }
 
-/// Where a replay of the log stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Until {
-    /// The whole log.
-    End,
+/// Where a replay of the log stops: after the last event within every bound given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Until {
     /// Events at positions up to and including this one.
-    Position(i64),
+    pub position: Option<i64>,
     /// Events received at or before this instant.
-    ReceivedAt(DateTime<Utc>),
+    pub received_at: Option<DateTime<Utc>>,
 }
 
-/// One account's events in log order, up to `until`, streamed.
+impl Until {
+    /// The whole log.
+    pub const END: Self = Self {
+        position: None,
+        received_at: None,
+    };
+}
+
+/// One account's events in log order, up to `until`, streamed (those the database refused to
+/// fold left out, see [`NOT_REFUSED_BY_STORE`]).
 pub fn account_history(
     conn: &mut PgConnection,
     account: Uuid,
     until: Until,
 ) -> BoxStream<'_, Result<StoredEvent>> {
-    const COLUMNS: &str = "SELECT position, received_at, event, account_id, user_id, body FROM events WHERE account_id = $1";
-    let query = match until {
-        Until::End => sqlx::query_as(sqlx::AssertSqlSafe(format!("{COLUMNS} ORDER BY position")))
-            .bind(account),
-        Until::Position(position) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{COLUMNS} AND position <= $2 ORDER BY position"
-        )))
+    let sql = format!(
+        "SELECT position, received_at, event, account_id, user_id, body FROM events
+          WHERE account_id = $1 AND ($2::bigint IS NULL OR position <= $2)
+            AND ($3::timestamptz IS NULL OR received_at <= $3) AND {NOT_REFUSED_BY_STORE}
+          ORDER BY position"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(account)
-        .bind(position),
-        Until::ReceivedAt(at) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{COLUMNS} AND received_at <= $2 ORDER BY position"
-        )))
-        .bind(account)
-        .bind(at),
-    };
-    query.fetch(conn).map(|row| row.map_err(Into::into)).boxed()
+        .bind(until.position)
+        .bind(until.received_at)
+        .fetch(conn)
+        .map(|row| row.map_err(Into::into))
+        .boxed()
 }
 
 /// The events the fold reads ([`domain::EventKind::is_account_event`]): every `accounts.*` event
@@ -323,6 +341,7 @@ pub fn account_events_by_account(
     let sql = format!(
         "SELECT position, received_at, event, account_id, user_id, body FROM events
          WHERE position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR account_id = $2)
+           AND {NOT_REFUSED_BY_STORE}
          ORDER BY account_id, position"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -342,7 +361,8 @@ pub async fn count_account_events(
 ) -> Result<i64> {
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM events
-         WHERE position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR account_id = $2)"
+         WHERE position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR account_id = $2)
+           AND {NOT_REFUSED_BY_STORE}"
     )))
     .bind(up_to)
     .bind(account)

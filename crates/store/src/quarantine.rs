@@ -1,4 +1,5 @@
-//! Events the fold refused: they stay in the log; `quarantine` records why they were not folded.
+//! Events that were not folded: they stay in the log; `quarantine` records why, and who refused
+//! them (the fold, or the database writing the fold's snapshot).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -6,13 +7,33 @@ use uuid::Uuid;
 
 use crate::Result;
 
-/// An event the fold refused, about to be recorded.
+/// Who refused an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedBy {
+    /// The fold cannot apply it; every fold of the log decides so again by itself.
+    Fold,
+    /// The database would not write the snapshot the fold made of it; every later fold of the log
+    /// skips it, reading this record (see [`crate::log`]).
+    Store,
+}
+
+impl RefusedBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Fold => "fold",
+            Self::Store => "store",
+        }
+    }
+}
+
+/// An event that was refused, about to be recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub position: i64,
     pub account_id: Option<Uuid>,
     pub event: String,
     pub error: String,
+    pub refused_by: RefusedBy,
 }
 
 /// A recorded refusal.
@@ -22,6 +43,8 @@ pub struct Quarantined {
     pub account_id: Option<Uuid>,
     pub event: String,
     pub error: String,
+    /// `fold` or `store` (see [`RefusedBy`]).
+    pub refused_by: String,
     pub quarantined_at: DateTime<Utc>,
 }
 
@@ -34,15 +57,17 @@ pub async fn record(conn: &mut PgConnection, refusals: &[Refusal]) -> Result<()>
     let accounts: Vec<Option<Uuid>> = refusals.iter().map(|r| r.account_id).collect();
     let events: Vec<&str> = refusals.iter().map(|r| r.event.as_str()).collect();
     let errors: Vec<&str> = refusals.iter().map(|r| r.error.as_str()).collect();
+    let refused_by: Vec<&str> = refusals.iter().map(|r| r.refused_by.as_str()).collect();
     sqlx::query(
-        "INSERT INTO quarantine (position, account_id, event, error)
-         SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[])
+        "INSERT INTO quarantine (position, account_id, event, error, refused_by)
+         SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[])
          ON CONFLICT (position) DO NOTHING",
     )
     .bind(positions)
     .bind(accounts)
     .bind(events)
     .bind(errors)
+    .bind(refused_by)
     .execute(conn)
     .await?;
     Ok(())
@@ -51,7 +76,7 @@ pub async fn record(conn: &mut PgConnection, refusals: &[Refusal]) -> Result<()>
 /// Up to `limit` quarantined events after position `after`, in log order.
 pub async fn page(conn: &mut PgConnection, after: i64, limit: i64) -> Result<Vec<Quarantined>> {
     Ok(sqlx::query_as(
-        "SELECT position, account_id, event, error, quarantined_at FROM quarantine
+        "SELECT position, account_id, event, error, refused_by, quarantined_at FROM quarantine
          WHERE position > $1 ORDER BY position LIMIT $2",
     )
     .bind(after)
@@ -65,4 +90,9 @@ pub async fn count(conn: &mut PgConnection) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM quarantine")
         .fetch_one(conn)
         .await?)
+}
+
+/// Every recorded refusal, in log order (for checks and tests; the table is small).
+pub async fn all(conn: &mut PgConnection) -> Result<Vec<Quarantined>> {
+    page(conn, 0, i64::MAX).await
 }

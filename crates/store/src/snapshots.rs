@@ -4,7 +4,6 @@ use chrono::{DateTime, Utc};
 use domain::{AccountSnapshot, AccountStatus, Resource};
 use futures_util::stream::{BoxStream, StreamExt};
 use sqlx::PgConnection;
-use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::{Error, Result};
@@ -57,7 +56,7 @@ impl From<SnapshotRow> for AccountSnapshot {
             // The CHECK constraint admits only the two values AccountStatus knows.
             status: AccountStatus::parse(&row.status).unwrap_or(AccountStatus::Active),
             connection_status: row.connection_status,
-            // jsonb text is always valid JSON.
+            // The column is `json`, which holds only valid JSON.
             resource: row.resource.as_deref().and_then(Resource::from_json),
             version: row.version,
             last_position: row.last_position,
@@ -167,10 +166,18 @@ pub async fn clear(conn: &mut PgConnection, table: Table) -> Result<()> {
 
 /// Removes one account's live snapshot.
 pub async fn delete(conn: &mut PgConnection, account_id: Uuid) -> Result<()> {
-    sqlx::query("DELETE FROM account_snapshots WHERE account_id = $1")
-        .bind(account_id)
-        .execute(conn)
-        .await?;
+    delete_from(conn, Table::Live, account_id).await
+}
+
+/// Removes one account's snapshot from `table`.
+pub async fn delete_from(conn: &mut PgConnection, table: Table, account_id: Uuid) -> Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {} WHERE account_id = $1",
+        table.name()
+    )))
+    .bind(account_id)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -206,15 +213,35 @@ pub async fn save(
     if snapshots.is_empty() {
         return Ok(());
     }
-    let rows: Vec<_> = snapshots.iter().map(AccountSnapshot::view).collect();
+    // The store's own columns, one array each: the row format is this function's, not the API's.
+    // The resource goes as its exact JSON text to a `json` column, which keeps it byte for byte.
+    let account_ids: Vec<Uuid> = snapshots.iter().map(|s| s.account_id).collect();
+    let user_ids: Vec<Uuid> = snapshots.iter().map(|s| s.user_id).collect();
+    let statuses: Vec<&str> = snapshots.iter().map(|s| s.status.as_str()).collect();
+    let connection_statuses: Vec<Option<&str>> = snapshots
+        .iter()
+        .map(|s| s.connection_status.as_deref())
+        .collect();
+    let resources: Vec<Option<&str>> = snapshots
+        .iter()
+        .map(|s| s.resource.as_ref().map(Resource::raw))
+        .collect();
+    let resource_updated_ats: Vec<Option<DateTime<Utc>>> = snapshots
+        .iter()
+        .map(AccountSnapshot::resource_updated_at)
+        .collect();
+    let versions: Vec<i64> = snapshots.iter().map(|s| s.version).collect();
+    let last_positions: Vec<i64> = snapshots.iter().map(|s| s.last_position).collect();
+    let last_events: Vec<&str> = snapshots.iter().map(|s| s.last_event.as_str()).collect();
+    let first_seen_ats: Vec<DateTime<Utc>> = snapshots.iter().map(|s| s.first_seen_at).collect();
+    let last_event_ats: Vec<DateTime<Utc>> = snapshots.iter().map(|s| s.last_event_at).collect();
+    let removed_ats: Vec<Option<DateTime<Utc>>> = snapshots.iter().map(|s| s.removed_at).collect();
     let sql = format!(
         "INSERT INTO {} (account_id, user_id, status, connection_status, resource,
              resource_updated_at, version, last_position, last_event, first_seen_at, last_event_at, removed_at)
-         SELECT account_id, user_id, status, connection_status, resource, resource_updated_at, version,
-                last_position, last_event, first_seen_at, last_event_at, removed_at
-         FROM jsonb_to_recordset($1) AS s(account_id uuid, user_id uuid, status text, connection_status text,
-             resource jsonb, resource_updated_at timestamptz, version bigint, last_position bigint,
-             last_event text, first_seen_at timestamptz, last_event_at timestamptz, removed_at timestamptz)
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[]::json[],
+             $6::timestamptz[], $7::bigint[], $8::bigint[], $9::text[], $10::timestamptz[],
+             $11::timestamptz[], $12::timestamptz[])
          ON CONFLICT (account_id) DO UPDATE SET
              user_id = excluded.user_id, status = excluded.status,
              connection_status = excluded.connection_status, resource = excluded.resource,
@@ -225,7 +252,18 @@ pub async fn save(
         table.name()
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(Json(rows))
+        .bind(account_ids)
+        .bind(user_ids)
+        .bind(statuses)
+        .bind(connection_statuses)
+        .bind(resources)
+        .bind(resource_updated_ats)
+        .bind(versions)
+        .bind(last_positions)
+        .bind(last_events)
+        .bind(first_seen_ats)
+        .bind(last_event_ats)
+        .bind(removed_ats)
         .execute(conn)
         .await?;
     Ok(())
