@@ -137,6 +137,8 @@ pub struct TestApp {
     /// The test's own pool, for assertions; independent of the app's.
     pub pool: PgPool,
     pub client: reqwest::Client,
+    /// Makes a supervised task of the app panic (see `account_projector::supervisor`).
+    pub faults: account_projector::supervisor::Faults,
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -159,6 +161,7 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     let database_url = settings.database_url.clone();
     let app = Application::build(settings).await.expect("the app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
+    let faults = app.faults();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let pool = PgPool::connect_lazy(&database_url).unwrap();
@@ -167,6 +170,7 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
         database_url,
         pool,
         client: reqwest::Client::new(),
+        faults,
         shutdown,
         handle,
     }
@@ -217,6 +221,13 @@ impl TestApp {
 
     pub async fn event_count(&self) -> (i64, i64) {
         log_counts(&self.pool).await
+    }
+
+    /// What the app's run ended with, if it ends within `limit` (without being asked to stop).
+    pub async fn exit_within(self, limit: Duration) -> Option<anyhow::Result<()>> {
+        let outcome = tokio::time::timeout(limit, self.handle).await.ok();
+        self.shutdown.cancel();
+        outcome.map(|joined| joined.expect("the app's task does not panic"))
     }
 
     /// Fires shutdown and waits for the app to stop.

@@ -11,5 +11,6 @@ mod crash;
 mod helpers;
 mod hostile;
 mod ingest;
+mod never_stall;
 mod projection;
 mod reliability;

@@ -240,7 +240,9 @@ impl Application {
             .with_context(|| format!("could not listen on {}", settings.listen_addr))?;
         telemetry::prometheus();
         let readiness = api::Readiness::default();
-        readiness.check_database(&pool).await;
+        readiness
+            .check_database(&pool.connect_options(), &mut None)
+            .await;
         let mut loops: Vec<(&'static str, BoxFuture<'static, ()>)> = vec![];
         let mut router = api::health_router(readiness.clone())
             .route("/metrics", axum::routing::get(telemetry::metrics))
@@ -347,7 +349,7 @@ impl Application {
         let refresh = self
             .readiness
             .clone()
-            .refresh(self.pool.clone(), shutdown.clone());
+            .refresh((*self.pool.connect_options()).clone(), shutdown.clone());
         supervisor.spawn("readiness", Box::pin(refresh));
         let grace = self.limits.shutdown_grace;
         let served = serve(self.listener, self.router, shutdown.clone(), self.limits);

@@ -87,7 +87,10 @@ impl Supervisor {
     pub async fn stop(mut self, grace: std::time::Duration) {
         let all = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!(?grace, "background tasks still running after the grace period; aborting them");
+            tracing::warn!(
+                ?grace,
+                "background tasks still running after the grace period; aborting them"
+            );
         }
     }
 }

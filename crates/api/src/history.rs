@@ -92,10 +92,12 @@ impl Params {
             false => None,
             true => Some(self.integer("at_position", 0, 0..=i64::MAX)?),
         };
-        Ok((received_at.is_some() || position.is_some()).then_some(Until {
-            position,
-            received_at,
-        }))
+        Ok(
+            (received_at.is_some() || position.is_some()).then_some(Until {
+                position,
+                received_at,
+            }),
+        )
     }
 
     fn page(&self) -> Result<(i64, i64), Problem> {

@@ -23,7 +23,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use domain::AccountView;
 use serde::Serialize;
-use store::PgPool;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection as _, PgConnection};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -113,18 +114,46 @@ impl Readiness {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).dead_task = Some(task);
     }
 
-    /// Checks the database once (at most [`READINESS_INTERVAL`]) and keeps the answer.
-    pub async fn check_database(&self, pool: &PgPool) {
-        let checked = tokio::time::timeout(READINESS_INTERVAL, store::check_ready(pool))
+    /// Checks the database once (at most [`READINESS_INTERVAL`]) and keeps the answer. `conn` is
+    /// the check's own session, opened when missing and dropped after an error: never one of the
+    /// pool's, so the check neither competes with requests nor leaves a pooled connection that a
+    /// restarted server has dropped looking freshly used.
+    pub async fn check_database(
+        &self,
+        options: &PgConnectOptions,
+        conn: &mut Option<PgConnection>,
+    ) {
+        let check = async {
+            if conn.is_none() {
+                *conn = Some(
+                    PgConnection::connect_with(options)
+                        .await
+                        .map_err(|_| store::NotReady::Unavailable)?,
+                );
+            }
+            match conn.as_mut() {
+                Some(c) => store::check_ready_on(c).await,
+                None => Err(store::NotReady::Unavailable),
+            }
+        };
+        let checked = tokio::time::timeout(READINESS_INTERVAL, check)
             .await
             .unwrap_or(Err(store::NotReady::Unavailable));
+        if checked.is_err() {
+            *conn = None;
+        }
         self.0.lock().unwrap_or_else(|e| e.into_inner()).database = Some(checked);
     }
 
     /// Checks the database every [`READINESS_INTERVAL`] until `shutdown` fires.
-    pub async fn refresh(self, pool: PgPool, shutdown: tokio_util::sync::CancellationToken) {
+    pub async fn refresh(
+        self,
+        options: PgConnectOptions,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut conn = None;
         loop {
-            self.check_database(&pool).await;
+            self.check_database(&options, &mut conn).await;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(READINESS_INTERVAL) => {}

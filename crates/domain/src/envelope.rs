@@ -112,7 +112,10 @@ struct ObjectSeed<const N: usize>([&'static str; N]);
 impl<'de, const N: usize> serde::de::DeserializeSeed<'de> for ObjectSeed<N> {
     type Value = ObjectProbe<'de, N>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_map(self)
     }
 }
@@ -125,11 +128,22 @@ impl<'de, const N: usize> serde::de::Visitor<'de> for ObjectSeed<N> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut probe = ObjectProbe { names: self.0, found: [None; N], repeated: false };
+        let mut probe = ObjectProbe {
+            names: self.0,
+            found: [None; N],
+            repeated: false,
+        };
         while let Some(KeyBytes(key)) = map.next_key::<KeyBytes>()? {
-            match probe.names.iter().position(|name| name.as_bytes() == key.as_slice()) {
+            match probe
+                .names
+                .iter()
+                .position(|name| name.as_bytes() == key.as_slice())
+            {
                 Some(i) => {
-                    if probe.found[i].replace(map.next_value::<&'de RawValue>()?).is_some() {
+                    if probe.found[i]
+                        .replace(map.next_value::<&'de RawValue>()?)
+                        .is_some()
+                    {
                         probe.repeated = true;
                     }
                 }
@@ -177,7 +191,11 @@ pub(crate) fn string_lossy(raw: &RawValue) -> Option<String> {
         return None;
     }
     if let Ok(decoded) = serde_json::from_str::<String>(text) {
-        return Some(if decoded.contains('\0') { decoded.replace('\0', "\u{FFFD}") } else { decoded });
+        return Some(if decoded.contains('\0') {
+            decoded.replace('\0', "\u{FFFD}")
+        } else {
+            decoded
+        });
     }
     let bytes = serde_json::Deserializer::from_str(text)
         .deserialize_bytes(BytesVisitor)
@@ -444,7 +462,8 @@ mod tests {
             let body = format!(
                 r#"{{"event":"accounts.updated","data":{{"account":"{ID}","user":"{ID}","resource":{{"id":"x","v":[{value}],"connection":{{"status":"connected"}}}},"n":{value}}}}}"#
             );
-            let envelope = Envelope::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{value}: {e}"));
+            let envelope =
+                Envelope::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{value}: {e}"));
             let resource = envelope.resource.unwrap();
             assert!(resource.raw().contains(value), "{value}");
             assert_eq!(resource.connection_status(), Some("connected"), "{value}");
@@ -455,7 +474,10 @@ mod tests {
         );
         let envelope = Envelope::parse(body.as_bytes()).unwrap();
         let name = envelope.event.strip_prefix("accounts.").unwrap();
-        assert!(!name.is_empty() && name.chars().all(|c| c == '\u{FFFD}'), "{name:?}");
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c == '\u{FFFD}'),
+            "{name:?}"
+        );
         let resource = envelope.resource.unwrap();
         assert!(resource.updated_at().is_some());
         assert_eq!(resource.connection_status(), Some("\u{FFFD}"));

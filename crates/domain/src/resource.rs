@@ -36,7 +36,6 @@ fn is_object(raw: &RawValue) -> bool {
     raw.get().trim_start().starts_with('{')
 }
 
-
 impl Resource {
     /// Wraps a JSON value of any kind; only objects carry `updated_at` and a connection status.
     pub fn from_raw(raw: &RawValue) -> Self {

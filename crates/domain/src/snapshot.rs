@@ -270,8 +270,8 @@ pub fn step(
     snapshot: Option<AccountSnapshot>,
     event: RawEvent<'_>,
 ) -> Result<Option<AccountSnapshot>, FoldError> {
-    let envelope =
-        Envelope::parse_logged(event.body).map_err(|e| FoldError::BodyUnparseable(e.to_string()))?;
+    let envelope = Envelope::parse_logged(event.body)
+        .map_err(|e| FoldError::BodyUnparseable(e.to_string()))?;
     let logged = LoggedEvent {
         position: event.position,
         received_at: event.received_at,

@@ -53,7 +53,10 @@ impl Committer {
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let max_batch = max_batch.max(1);
         let (jobs, queue) = mpsc::channel(max_batch * 8);
-        (Self { jobs }, commit_loop(pool, dedup_window, max_batch, queue))
+        (
+            Self { jobs },
+            commit_loop(pool, dedup_window, max_batch, queue),
+        )
     }
 
     /// [`Committer::new`], its loop spawned on its own.

@@ -235,29 +235,54 @@ async fn receive(
 }
 
 /// Argyle's webhook body as the OpenAPI document describes it (the handler parses it with
-/// [`Envelope::parse`], keeping the bytes as received).
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-struct WebhookBody {
-    /// Event name, e.g. `accounts.updated`; events of any name are stored, `accounts.*` are folded.
-    event: String,
-    /// The subscription's name.
-    name: Option<String>,
-    data: Option<WebhookData>,
+/// [`Envelope::parse`], keeping the bytes as received). Written out by hand because what ingest
+/// accepts depends on the event's name: an `accounts.*` event (or the enricher's
+/// `argyle.account_fetched`) needs `data` with UUID `account` and `user`; any other event needs only
+/// its name. Every other member may hold any JSON value: signed valid JSON is never refused for it.
+struct WebhookBody;
+
+impl utoipa::PartialSchema for WebhookBody {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let folded = format!(
+            "^(accounts\\.|{}$)",
+            domain::ACCOUNT_FETCHED.replace('.', "\\.")
+        );
+        let other = format!(
+            "^(?!accounts\\.|{}$)",
+            domain::ACCOUNT_FETCHED.replace('.', "\\.")
+        );
+        let uuid = serde_json::json!({"type": "string", "format": "uuid"});
+        serde_json::from_value(serde_json::json!({
+            "oneOf": [
+                {
+                    "type": "object",
+                    "description": "An account event: folded into the account's snapshot.",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"type": "string", "pattern": folded},
+                        "data": {
+                            "type": "object",
+                            "required": ["account", "user"],
+                            "description": "`resource`, the account object, is there when the subscription includes it.",
+                            "properties": {"account": uuid, "user": uuid}
+                        }
+                    }
+                },
+                {
+                    "type": "object",
+                    "description": "An event of another family: stored, never folded.",
+                    "required": ["event"],
+                    "properties": {
+                        "event": {"type": "string", "minLength": 1, "pattern": other}
+                    }
+                }
+            ]
+        }))
+        .expect("the webhook body's schema is a valid schema")
+    }
 }
 
-/// `data` of an `accounts.*` event; `account` and `user` are required for those events.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-struct WebhookData {
-    #[schema(format = Uuid)]
-    account: Option<String>,
-    #[schema(format = Uuid)]
-    user: Option<String>,
-    /// The account object, when the subscription includes it.
-    #[schema(value_type = Option<Object>)]
-    resource: Option<()>,
-}
+impl utoipa::ToSchema for WebhookBody {}
 
 /// The 200 answer, fields in the contract's order.
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -342,5 +367,13 @@ mod tests {
         assert!(!with("text/plain"));
         assert!(!with("application/x-www-form-urlencoded"));
         assert!(!is_json(&HeaderMap::new()));
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    #[test]
+    fn the_webhook_body_schema_builds() {
+        let _ = <super::WebhookBody as utoipa::PartialSchema>::schema();
     }
 }

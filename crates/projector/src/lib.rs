@@ -25,7 +25,7 @@ use domain::{AccountSnapshot, EventKind};
 use sqlx::{Connection, PgConnection};
 use store::PgPool;
 use store::log::{AppendNotifications, StoredEvent};
-use store::quarantine::{RefusedBy, Refusal};
+use store::quarantine::{Refusal, RefusedBy};
 use store::snapshots::{CHECKPOINT, Table};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -19,7 +19,7 @@ use futures_util::TryStreamExt;
 use sqlx::Connection;
 use store::PgPool;
 use store::log::StoredEvent;
-use store::quarantine::{RefusedBy, Refusal};
+use store::quarantine::{Refusal, RefusedBy};
 use store::snapshots::{CHECKPOINT, Table};
 use uuid::Uuid;
 
@@ -240,9 +240,10 @@ async fn refold_alone(
     account: Uuid,
     head: i64,
 ) -> Result<(), RebuildError> {
-    let events: Vec<StoredEvent> = store::log::account_events_by_account(writer, head, Some(account))
-        .try_collect()
-        .await?;
+    let events: Vec<StoredEvent> =
+        store::log::account_events_by_account(writer, head, Some(account))
+            .try_collect()
+            .await?;
     let mut state: Option<AccountSnapshot> = None;
     for stored in &events {
         let Ok(Some(next)) = fold_stored(state.clone(), stored) else {

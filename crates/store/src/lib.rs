@@ -120,12 +120,11 @@ impl Error {
     /// What the database said, for a log line or a quarantine record: its message and SQLSTATE.
     pub fn reason(&self) -> String {
         match self {
-            Self::Database(sqlx::Error::Database(db)) | Self::Unavailable(sqlx::Error::Database(db)) => {
-                match db.code() {
-                    Some(code) => format!("{} (SQLSTATE {code})", db.message()),
-                    None => db.message().to_owned(),
-                }
-            }
+            Self::Database(sqlx::Error::Database(db))
+            | Self::Unavailable(sqlx::Error::Database(db)) => match db.code() {
+                Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+                None => db.message().to_owned(),
+            },
             other => other.to_string(),
         }
     }
@@ -215,9 +214,15 @@ pub fn pool(database_url: &str, options: &DbOptions) -> Result<PgPool> {
 /// Fails unless the database answers and every embedded migration is applied.
 #[tracing::instrument(skip_all)]
 pub async fn check_ready(pool: &PgPool) -> Result<(), NotReady> {
+    let mut conn = pool.acquire().await.map_err(|_| NotReady::Unavailable)?;
+    check_ready_on(&mut conn).await
+}
+
+/// [`check_ready`] on a connection of the caller's.
+pub async fn check_ready_on(conn: &mut PgConnection) -> Result<(), NotReady> {
     let applied: Option<i64> =
         sqlx::query_scalar("SELECT max(version)::bigint FROM refinery_schema_history")
-            .fetch_one(pool)
+            .fetch_one(conn)
             .await
             .map_err(|e| match Error::from(e) {
                 Error::Unavailable(_) => NotReady::Unavailable,
