@@ -59,13 +59,6 @@ impl Committer {
         )
     }
 
-    /// [`Committer::new`], its loop spawned on its own.
-    pub fn start(pool: PgPool, dedup_window: Duration, max_batch: usize) -> Self {
-        let (committer, commit_loop) = Self::new(pool, dedup_window, max_batch);
-        tokio::spawn(commit_loop);
-        committer
-    }
-
     /// Appends one delivery; returns once it is committed (or failed).
     pub async fn append(&self, delivery: Delivery) -> Result<Appended, AppendError> {
         let (reply, answer) = oneshot::channel();

@@ -248,13 +248,7 @@ async fn quarantine_alone(
         %reason, "event quarantined: the database refused its snapshot");
     let mut tx = conn.begin().await?;
     let checkpoint = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
-    let refusal = Refusal {
-        position: event.position,
-        account_id: event.account_id,
-        event: event.event.clone(),
-        error: format!("the database refused the snapshot: {reason}"),
-        refused_by: RefusedBy::Store,
-    };
+    let refusal = Refusal::by_store(event, error);
     store::quarantine::record(&mut tx, std::slice::from_ref(&refusal)).await?;
     store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, event.position).await?;
     tx.commit().await?;

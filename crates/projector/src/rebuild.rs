@@ -19,7 +19,7 @@ use futures_util::TryStreamExt;
 use sqlx::Connection;
 use store::PgPool;
 use store::log::StoredEvent;
-use store::quarantine::{Refusal, RefusedBy};
+use store::quarantine::Refusal;
 use store::snapshots::{CHECKPOINT, Table};
 use uuid::Uuid;
 
@@ -206,7 +206,7 @@ pub async fn rebuild_all(
 /// Writes rebuilt snapshots to the shadow table. When the database refuses the whole write (see
 /// [`store::Error::is_refusal`]), each snapshot is written alone, and an account whose snapshot is
 /// refused even alone is folded again event by event, writing after each, so the event whose
-/// snapshot cannot be written is found, quarantined as [`RefusedBy::Store`] exactly as the live
+/// snapshot cannot be written is found, quarantined as [`store::quarantine::RefusedBy::Store`] exactly as the live
 /// projector does, and left out; the account's other events still apply.
 async fn save_rebuilt(
     writer: &mut store::PgConnection,
@@ -252,16 +252,9 @@ async fn refold_alone(
         match store::snapshots::save(writer, Table::Rebuild, std::slice::from_ref(&next)).await {
             Ok(()) => state = Some(next),
             Err(error) if error.is_refusal() => {
-                let reason = error.reason();
-                tracing::warn!(position = stored.position, %account, %reason,
+                tracing::warn!(position = stored.position, %account, reason = %error.reason(),
                     "event quarantined: the database refused its snapshot");
-                let refusal = Refusal {
-                    position: stored.position,
-                    account_id: stored.account_id,
-                    event: stored.event.clone(),
-                    error: format!("the database refused the snapshot: {reason}"),
-                    refused_by: RefusedBy::Store,
-                };
+                let refusal = Refusal::by_store(stored, &error);
                 store::quarantine::record(writer, std::slice::from_ref(&refusal)).await?;
             }
             Err(error) => return Err(error.into()),

@@ -36,6 +36,20 @@ pub struct Refusal {
     pub refused_by: RefusedBy,
 }
 
+impl Refusal {
+    /// `stored`, whose snapshot the database refused to write even alone ([`RefusedBy::Store`]),
+    /// with the database's reason.
+    pub fn by_store(stored: &crate::log::StoredEvent, error: &crate::Error) -> Self {
+        Self {
+            position: stored.position,
+            account_id: stored.account_id,
+            event: stored.event.clone(),
+            error: format!("the database refused the snapshot: {}", error.reason()),
+            refused_by: RefusedBy::Store,
+        }
+    }
+}
+
 /// A recorded refusal.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Quarantined {
