@@ -13,7 +13,7 @@ use utoipa::OpenApi;
         title = "account-projector",
         description = "An append-only log of Argyle account webhooks and the account snapshots folded \
             from it. Errors are RFC 9457 `application/problem+json` with a stable `code`.",
-        license(name = "MIT OR Apache-2.0"),
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(crate::telemetry::metrics, openapi_json)
 )]
