@@ -226,9 +226,11 @@ def run(binary):
             if service.get("profiles"):
                 print(f"compose-smoke: {name}: started too (profiles {service['profiles']})")
             if "build" not in service:
-                # Infrastructure (Postgres): the local server stands in for it.
+                # Infrastructure (Postgres): the local server stands in for it, and runs the
+                # image's first-start scripts (the roles) for this run's database.
                 subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], check=True)
                 print(f"compose-smoke: {name}: local Postgres is ready")
+                run_init_scripts(name, service, database)
                 continue
             command = service.get("command") or []
             if isinstance(command, str):
@@ -263,6 +265,10 @@ def run(binary):
                 )
                 print(f"compose-smoke: {label}: healthy on port {port}")
 
+        users = session_users(database)
+        if users != ["account_projector_service"]:
+            raise Failed(f"the app services connect as {users}, not only as the service role")
+        print("compose-smoke: every app service connects as account_projector_service")
         check_stack(endpoints, replicas_of, stack)
         for name, process, _ in stack.processes:
             if process.poll() is None:
@@ -280,6 +286,57 @@ def run(binary):
              f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'],
             check=False, capture_output=True,
         )
+
+
+def volume_mounts(service):
+    """(host source, container target) of each bind mount."""
+    mounts = []
+    for volume in service.get("volumes", []) or []:
+        if isinstance(volume, dict):
+            if volume.get("type", "bind") == "bind":
+                mounts.append((volume["source"], volume["target"]))
+        else:
+            source, target, *_ = str(volume).split(":")
+            if source.startswith(("/", ".")):
+                mounts.append((str((ROOT / source).resolve()), target))
+    return mounts
+
+
+def on_host(path, mounts):
+    """A container path of a bind mount, as the host path it comes from."""
+    for source, target in sorted(mounts, key=lambda m: -len(m[1])):
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            return source + path[len(target):]
+    return path
+
+
+def run_init_scripts(name, service, database):
+    """What the postgres image runs on its first start: /docker-entrypoint-initdb.d/*.sh."""
+    mounts = volume_mounts(service)
+    scripts = sorted(t for _, t in mounts if t.startswith("/docker-entrypoint-initdb.d/"))
+    if not scripts:
+        raise Failed(f"{name} has no first-start script for the roles")
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    for key, value in (service.get("environment") or {}).items():
+        env[key] = on_host("" if value is None else str(value), mounts)
+    env.update(PGHOST="127.0.0.1", PGPORT="5432", POSTGRES_DB=database)
+    for script in scripts:
+        done = subprocess.run(["sh", on_host(script, mounts)], env=env, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise Failed(f"{name}: {script} exited {done.returncode}: {done.stderr}")
+        print(f"compose-smoke: {name}: ran {script}")
+
+
+def session_users(database):
+    """The Postgres users of the app's sessions on `database`."""
+    out = subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-XAtc",
+         "SELECT DISTINCT usename FROM pg_stat_activity "
+         f"WHERE datname = '{database}' AND application_name LIKE 'account-projector%'"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return sorted(out.split())
 
 
 def check_stack(endpoints, replicas_of, stack):

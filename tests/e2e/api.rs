@@ -43,7 +43,7 @@ async fn unknown_and_malformed_ids_are_clear_errors() {
 #[tokio::test]
 async fn bearer_tokens_guard_v1_when_configured() {
     let mut settings = test_settings().await;
-    settings.api_tokens = vec!["token-one".into(), "token-two".into()];
+    settings.api_tokens = vec!["token-one-0123456789".into(), "token-two-0123456789".into()];
     let app = spawn_app_with(settings).await;
     app.deliver(&fixture("01_accounts.added.json")).await;
     app.wait_for_projection().await;
@@ -52,7 +52,7 @@ async fn bearer_tokens_guard_v1_when_configured() {
         None,
         Some("Bearer token-on"),
         Some("Bearer token-one2"),
-        Some("token-one"),
+        Some("token-one-0123456789"),
         Some("Bearer "),
         Some("Basic dG9rZW4tb25l"),
     ] {
@@ -68,7 +68,7 @@ async fn bearer_tokens_guard_v1_when_configured() {
             "unauthorized"
         );
     }
-    for token in ["token-one", "token-two"] {
+    for token in ["token-one-0123456789", "token-two-0123456789"] {
         let response = app
             .client
             .get(&url)
@@ -81,7 +81,7 @@ async fn bearer_tokens_guard_v1_when_configured() {
     let response = app
         .client
         .get(&url)
-        .header(AUTHORIZATION, "bearer token-one")
+        .header(AUTHORIZATION, "bearer token-one-0123456789")
         .send()
         .await
         .unwrap();

@@ -13,8 +13,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 
-const KEY_ID: &str = "test_key_id";
-const KEY_SECRET: &str = "test_key_secret";
+pub(crate) const KEY_ID: &str = "test_key_id";
+pub(crate) const KEY_SECRET: &str = "test_key_secret";
 /// The webhook URL the tests subscribe.
 const HOOK_URL: &str = "https://example.com/webhooks/argyle";
 
@@ -216,6 +216,9 @@ async fn create_without_the_resource_is_one_subscription_with_the_given_secret()
         .expect(1)
         .mount(&server)
         .await;
+    // The secret comes from a file (so it is not in `ps`), trimmed.
+    let secret_file = std::env::temp_dir().join(format!("ap-secret-{}", Uuid::new_v4()));
+    std::fs::write(&secret_file, "my-own-secret\n").unwrap();
     let (code, stdout, stderr) = webhooks(
         &server,
         &[
@@ -227,11 +230,12 @@ async fn create_without_the_resource_is_one_subscription_with_the_given_secret()
             "--events",
             "accounts.updated,accounts.removed",
             "--no-include-resource",
-            "--secret",
-            "my-own-secret",
+            "--secret-file",
+            secret_file.to_str().unwrap(),
         ],
     )
     .await;
+    std::fs::remove_file(&secret_file).unwrap();
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains("ARGYLE_WEBHOOK_SECRETS=my-own-secret"),
@@ -400,7 +404,7 @@ async fn a_create_that_failed_on_the_server_is_not_repeated_when_it_went_through
 // --- enrichment -------------------------------------------------------------------------------
 
 /// An `accounts.updated` without `resource` for `account`; `seq` makes each body distinct.
-fn resource_less(account: Uuid, seq: u32) -> Vec<u8> {
+pub(crate) fn resource_less(account: Uuid, seq: u32) -> Vec<u8> {
     let mut value: Value =
         serde_json::from_slice(&fixture("08_accounts.updated.no_resource.json")).unwrap();
     value["data"]["account"] = account.to_string().into();
@@ -409,24 +413,33 @@ fn resource_less(account: Uuid, seq: u32) -> Vec<u8> {
 }
 
 /// Argyle's real `GET /v2/accounts/{id}` answer, for `account`.
-fn account_object(account: Uuid) -> Value {
+pub(crate) fn account_object(account: Uuid) -> Value {
     let mut value = api_response("get_account.json");
     value["id"] = account.to_string().into();
     value
 }
 
-fn mock_account(account: Uuid) -> wiremock::MockBuilder {
+pub(crate) fn mock_account(account: Uuid) -> wiremock::MockBuilder {
     authed("GET", &format!("/v2/accounts/{account}"))
 }
 
-/// Settings whose enricher talks to `server`, which also answers the enricher's check of the URL
-/// and key (`GET /v2/accounts?limit=1`).
-async fn enricher_settings(database_url: &str, server: &MockServer, rate: f64) -> Settings {
+/// `server` answers the enricher's check of the URL and key (`GET /v2/accounts?limit=1`).
+pub(crate) async fn mount_key_check(server: &MockServer) {
     authed("GET", "/v2/accounts")
         .and(query_param("limit", "1"))
         .respond_with(ResponseTemplate::new(200).set_body_json(api_response("list_accounts.json")))
         .mount(server)
         .await;
+}
+
+/// Settings whose enricher talks to `server`, which also answers the enricher's check of the URL
+/// and key (`GET /v2/accounts?limit=1`).
+pub(crate) async fn enricher_settings(
+    database_url: &str,
+    server: &MockServer,
+    rate: f64,
+) -> Settings {
+    mount_key_check(server).await;
     let mut settings = test_settings().await;
     settings.database_url = database_url.to_owned();
     settings.argyle = Some(ArgyleApi {

@@ -148,6 +148,8 @@ pub async fn test_settings() -> Settings {
     let mut settings = Settings::new(fresh_database().await);
     settings.listen_addr = "127.0.0.1:0".into();
     settings.webhook_secrets = vec![SECRET.into()];
+    // Most tests query /v1 without a token; tests/e2e/security.rs checks it is closed otherwise.
+    settings.allow_open_api = true;
     settings.projector.poll_interval = Duration::from_millis(200);
     settings.projector.retry_interval = Duration::from_millis(100);
     settings
@@ -375,6 +377,7 @@ pub fn spawn_binary(
         .env("DATABASE_URL", url)
         .env("LISTEN_ADDR", "127.0.0.1:0")
         .env("ARGYLE_WEBHOOK_SECRETS", SECRET)
+        .env("ALLOW_OPEN_API", "true")
         .env("PROJECTOR_POLL_INTERVAL", "100ms")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

@@ -14,3 +14,4 @@ mod ingest;
 mod never_stall;
 mod projection;
 mod reliability;
+mod security;

@@ -15,6 +15,7 @@
 pub mod export;
 pub mod openapi;
 pub mod progress;
+pub mod secret;
 pub mod supervisor;
 pub mod telemetry;
 pub mod webhooks;
@@ -70,8 +71,12 @@ impl Role {
     }
 }
 
-/// The service's configuration.
-#[derive(Debug, Clone)]
+/// Shortest bearer token `serve` accepts: a guessable token is no lock.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// The service's configuration. Its `Debug` shows no secret: the database password, the webhook
+/// secrets, the API tokens and the Argyle key are redacted.
+#[derive(Clone)]
 pub struct Settings {
     pub database_url: String,
     pub listen_addr: String,
@@ -82,6 +87,9 @@ pub struct Settings {
     /// Run ingest with no secret, accepting unsigned deliveries. Off unless asked for.
     pub allow_unsigned_webhooks: bool,
     pub api_tokens: Vec<String>,
+    /// Serve `/v1` with no token. Off unless asked for: without tokens, a role that serves `/v1`
+    /// refuses to start.
+    pub allow_open_api: bool,
     pub dedup_window: Duration,
     /// Most deliveries one commit may carry (group commit).
     pub max_commit_batch: usize,
@@ -99,6 +107,33 @@ pub struct Settings {
     pub argyle: Option<ArgyleApi>,
     pub enricher: EnricherConfig,
     pub db: DbOptions,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |list: &[String]| format!("[{} redacted]", list.len());
+        f.debug_struct("Settings")
+            .field("database_url", &store::redacted_url(&self.database_url))
+            .field("listen_addr", &self.listen_addr)
+            .field("role", &self.role)
+            .field("migrate", &self.migrate)
+            .field("webhook_secrets", &redacted(&self.webhook_secrets))
+            .field("allow_unsigned_webhooks", &self.allow_unsigned_webhooks)
+            .field("api_tokens", &redacted(&self.api_tokens))
+            .field("allow_open_api", &self.allow_open_api)
+            .field("dedup_window", &self.dedup_window)
+            .field("max_commit_batch", &self.max_commit_batch)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("request_timeout", &self.request_timeout)
+            .field("database_timeout", &self.database_timeout)
+            .field("header_timeout", &self.header_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("projector", &self.projector)
+            .field("argyle", &self.argyle)
+            .field("enricher", &self.enricher)
+            .field("db", &self.db)
+            .finish()
+    }
 }
 
 /// Where and how to reach Argyle's management API.
@@ -140,6 +175,7 @@ impl Settings {
             webhook_secrets: vec![],
             allow_unsigned_webhooks: false,
             api_tokens: vec![],
+            allow_open_api: false,
             dedup_window: Duration::from_secs(24 * 3600),
             max_commit_batch: 256,
             max_body_bytes: 1_048_576,
@@ -195,9 +231,24 @@ impl Application {
         if role.ingests() && secrets.is_empty() {
             tracing::warn!("ALLOW_UNSIGNED_WEBHOOKS=true: webhook signatures are not checked");
         }
+        if let Some(short) = settings
+            .api_tokens
+            .iter()
+            .map(|t| t.trim().chars().count())
+            .find(|&n| n < MIN_TOKEN_CHARS)
+        {
+            bail!(
+                "API_TOKENS has a token of {short} characters; each needs at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 32`)"
+            );
+        }
         if role.serves_api() && settings.api_tokens.is_empty() {
+            if !settings.allow_open_api {
+                bail!(
+                    "the query API needs API_TOKENS (comma-separated bearer tokens); set ALLOW_OPEN_API=true to serve /v1 without a token"
+                );
+            }
             tracing::warn!(
-                "API_TOKENS is not set: /v1 is open to anyone who can reach {}",
+                "ALLOW_OPEN_API=true and no API_TOKENS: /v1 is open to anyone who can reach {}",
                 settings.listen_addr
             );
         }
@@ -223,14 +274,25 @@ impl Application {
             (false, _) => None,
         };
         if settings.migrate {
+            // A current schema is left alone, so the service role (which cannot migrate) starts
+            // with migrations on; pending migrations it cannot apply stop it with a sentence
+            // that says so.
             let report = store::migrate::migrate(&settings.database_url)
                 .await
                 .context("could not migrate the database")?;
-            tracing::info!(
-                created_database = report.created_database,
-                applied = report.applied.len(),
-                "database is migrated"
-            );
+            if report.applied.is_empty() {
+                tracing::info!(
+                    version = report.version,
+                    "the database schema is current; nothing to migrate"
+                );
+            } else {
+                tracing::info!(
+                    created_database = report.created_database,
+                    applied = report.applied.len(),
+                    version = report.version,
+                    "database is migrated"
+                );
+            }
         }
         let mut db = settings.db.clone();
         db.application_name = format!("account-projector {role:?}").to_lowercase();

@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use account_projector::secret::{self, DatabaseUrl, Secret};
 use account_projector::telemetry::{self, LogFormat};
 use account_projector::webhooks::{self, CreateOptions};
 use account_projector::{Application, ArgyleApi, Role, Settings, export, progress};
@@ -26,15 +27,19 @@ use uuid::Uuid;
 #[derive(Parser, Debug)]
 #[command(name = "account-projector", version)]
 struct Cli {
-    /// Postgres connection URL (Postgres 14+).
+    /// Postgres connection URL (Postgres 14+). TLS as libpq does it: `?sslmode=` disable, prefer
+    /// (the default), require, verify-ca or verify-full, and `sslrootcert=` a PEM file of root
+    /// certificates. Prefer the environment variable: a flag shows in `ps`.
     #[arg(
         long,
         global = true,
         env = "DATABASE_URL",
         default_value = "postgres://postgres@localhost:5432/account_projector",
-        hide_env_values = true
+        hide_env_values = true,
+        hide_default_value = true,
+        value_parser = |raw: &str| Ok::<_, String>(DatabaseUrl(raw.to_owned()))
     )]
-    database_url: String,
+    database_url: DatabaseUrl,
 
     /// Log format.
     #[arg(
@@ -83,17 +88,17 @@ struct ArgyleArgs {
     argyle_api_key_id: Option<String>,
 
     /// API key secret (the HTTP Basic password).
-    #[arg(long, env = "ARGYLE_API_KEY_SECRET", hide_env_values = true)]
-    argyle_api_key_secret: Option<String>,
+    #[arg(long, env = "ARGYLE_API_KEY_SECRET", hide_env_values = true, value_parser = secret_value)]
+    argyle_api_key_secret: Option<Secret>,
 }
 
 impl ArgyleArgs {
     /// The API settings, if a key is configured; a half-configured key is an error.
     fn api(&self) -> anyhow::Result<Option<ArgyleApi>> {
-        let non_empty = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        let non_empty = |v: Option<&str>| v.filter(|v| !v.is_empty()).map(str::to_owned);
         match (
-            non_empty(&self.argyle_api_key_id),
-            non_empty(&self.argyle_api_key_secret),
+            non_empty(self.argyle_api_key_id.as_deref()),
+            non_empty(self.argyle_api_key_secret.as_ref().map(Secret::expose)),
         ) {
             (Some(key_id), Some(key_secret)) => Ok(Some(ArgyleApi {
                 url: self.argyle_api_url.clone(),
@@ -144,8 +149,13 @@ enum WebhooksAction {
         /// Signing secret; by default a random 256-bit one (or the secret of an existing half of
         /// the pair). No commas or whitespace: it goes into the comma-separated
         /// ARGYLE_WEBHOOK_SECRETS.
-        #[arg(long, value_parser = webhook_secret)]
-        secret: Option<String>,
+        #[arg(long, value_parser = webhook_secret, conflicts_with = "secret_file")]
+        secret: Option<Secret>,
+
+        /// Read the signing secret from FILE (`-`: standard input) instead, so that it does
+        /// not show in `ps`.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<std::path::PathBuf>,
     },
     /// List the subscriptions of this API key, every page.
     List {
@@ -203,26 +213,50 @@ struct SecretArgs {
         env = "ARGYLE_WEBHOOK_SECRETS",
         value_delimiter = ',',
         value_parser = list_entry,
-        hide_env_values = true
+        hide_env_values = true,
+        conflicts_with = "webhook_secrets_file"
     )]
-    webhook_secrets: Vec<String>,
+    webhook_secrets: Vec<Secret>,
+
+    /// Read the webhook secrets from FILE instead (`-`: standard input), separated by commas or
+    /// line breaks, so that they do not show in `ps` or the environment.
+    #[arg(long, env = "ARGYLE_WEBHOOK_SECRETS_FILE", value_name = "FILE")]
+    webhook_secrets_file: Option<std::path::PathBuf>,
 }
 
-fn webhook_secret(raw: &str) -> Result<String, String> {
+impl SecretArgs {
+    /// The secrets, from the flag, the variable or the file.
+    fn secrets(&self) -> anyhow::Result<Vec<String>> {
+        let secrets = match &self.webhook_secrets_file {
+            Some(path) => secret::read_list(path)?,
+            None => self.webhook_secrets.clone(),
+        };
+        if secrets.iter().any(|s| s.expose().is_empty()) {
+            anyhow::bail!(
+                "ARGYLE_WEBHOOK_SECRETS has an empty entry (two commas in a row, or a comma at an end)"
+            );
+        }
+        Ok(secrets.iter().map(|s| s.expose().to_owned()).collect())
+    }
+}
+
+fn webhook_secret(raw: &str) -> Result<Secret, String> {
     if raw.is_empty() || raw.contains(',') || raw.chars().any(char::is_whitespace) {
         Err("a webhook secret must be non-empty, without commas or whitespace".into())
     } else {
-        Ok(raw.to_owned())
+        Ok(Secret::new(raw))
     }
 }
 
-/// One entry of a comma-separated list of secrets or tokens: surrounding whitespace trimmed (so
-/// `old, new` means `new`, not ` new`), and an empty entry refused (`,` is no token at all).
-fn list_entry(raw: &str) -> Result<String, String> {
-    match raw.trim() {
-        "" => Err("the list has an empty entry (two commas in a row, or a comma at an end)".into()),
-        entry => Ok(entry.to_owned()),
-    }
+fn secret_value(raw: &str) -> Result<Secret, String> {
+    Ok(Secret::new(raw))
+}
+
+/// One entry of a comma-separated list of secrets or tokens, surrounding whitespace trimmed (so
+/// `old, new` means `new`, not ` new`). An empty entry (`,` is no token at all) is refused where
+/// the list is used, in one sentence.
+fn list_entry(raw: &str) -> Result<Secret, String> {
+    Ok(Secret::new(raw.trim()))
 }
 
 fn positive_rate(raw: &str) -> Result<f64, String> {
@@ -259,7 +293,8 @@ struct ServeArgs {
     #[arg(long, env = "ALLOW_UNSIGNED_WEBHOOKS")]
     allow_unsigned_webhooks: bool,
 
-    /// Comma-separated bearer tokens for /v1; when unset, /v1 is open (a warning is logged).
+    /// Comma-separated bearer tokens for /v1, each at least 16 characters. Required by the roles
+    /// that serve /v1 (all, api) unless --allow-open-api.
     #[arg(
         long,
         env = "API_TOKENS",
@@ -267,7 +302,11 @@ struct ServeArgs {
         value_parser = list_entry,
         hide_env_values = true
     )]
-    api_tokens: Vec<String>,
+    api_tokens: Vec<Secret>,
+
+    /// Serve /v1 with no token (local experiments only; a warning is logged).
+    #[arg(long, env = "ALLOW_OPEN_API")]
+    allow_open_api: bool,
 
     /// An identical body redelivered within this window is the same event (e.g. 24h, 90m, 0s).
     #[arg(long, env = "DEDUP_WINDOW", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -326,6 +365,7 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    tracing::debug!(?cli, "command line"); // its Debug shows no secret
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -343,24 +383,26 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let database_url = cli.database_url.0;
     match cli.command {
         Command::Migrate => {
-            let report = store::migrate::migrate(&cli.database_url).await?;
-            tracing::info!(created_database = report.created_database, applied = ?report.applied, "migrations done");
+            let report = store::migrate::migrate(&database_url).await?;
+            tracing::info!(created_database = report.created_database, applied = ?report.applied,
+                version = report.version, "migrations done");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rebuild(args) => rebuild(&cli.database_url, args).await,
-        Command::Status => status(&cli.database_url).await,
+        Command::Rebuild(args) => rebuild(&database_url, args).await,
+        Command::Status => status(&database_url).await,
         Command::Webhooks(args) => manage_webhooks(args).await,
         Command::Export(args) => {
-            let pool = batch_pool(&cli.database_url).await?;
+            let pool = batch_pool(&database_url).await?;
             let filter = ExportFilter {
                 account: args.account,
                 user: args.user,
                 since: args.since,
                 until: args.until,
             };
-            let secrets = ingest::Secrets::new(&args.secrets.webhook_secrets);
+            let secrets = ingest::Secrets::new(&args.secrets.secrets()?);
             match export::export(&pool, filter, &secrets, tokio::io::stdout()).await {
                 Ok(lines) => tracing::info!(lines, "export done"),
                 // The reader went away (`| head`): not an error of ours.
@@ -372,13 +414,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => {
-            let mut settings = Settings::new(cli.database_url);
+            let mut settings = Settings::new(database_url);
             settings.role = args.role;
             settings.listen_addr = args.listen_addr;
             settings.migrate = !args.no_migrate;
-            settings.webhook_secrets = args.secrets.webhook_secrets;
+            settings.webhook_secrets = args.secrets.secrets()?;
             settings.allow_unsigned_webhooks = args.allow_unsigned_webhooks;
-            settings.api_tokens = args.api_tokens;
+            settings.api_tokens = args
+                .api_tokens
+                .iter()
+                .map(|t| t.expose().to_owned())
+                .collect();
+            settings.allow_open_api = args.allow_open_api;
             settings.dedup_window = args.dedup_window;
             settings.max_body_bytes = args.max_body_bytes;
             settings.max_commit_batch = usize::from(args.max_commit_batch);
@@ -421,13 +468,21 @@ async fn manage_webhooks(args: WebhooksArgs) -> anyhow::Result<ExitCode> {
             events,
             no_include_resource,
             secret,
+            secret_file,
         } => {
+            let secret = match secret_file {
+                Some(path) => {
+                    let read = secret::read_one(&path)?;
+                    Some(webhook_secret(read.expose()).map_err(|e| anyhow::anyhow!("{e}"))?)
+                }
+                None => secret,
+            };
             let options = CreateOptions {
                 url,
                 name,
                 events,
                 include_resource: !no_include_resource,
-                secret,
+                secret: secret.map(|s| s.expose().to_owned()),
             };
             let mut report = webhooks::create(&client, &options).await?;
             print!("{}", webhooks::describe_create(&report));
@@ -456,7 +511,15 @@ async fn batch_pool(database_url: &str) -> anyhow::Result<store::PgPool> {
         ..store::DbOptions::default()
     };
     let pool = store::pool(database_url, &options)?;
-    store::check_ready(&pool)
+    ensure_current(&pool).await?;
+    Ok(pool)
+}
+
+/// Connects (any failure is reported as it is: TLS, authentication, unreachable) and checks that
+/// every migration is applied.
+async fn ensure_current(pool: &store::PgPool) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await.map_err(store::Error::from)?;
+    store::check_ready_on(&mut conn)
         .await
         .map_err(|reason| match reason {
             store::NotReady::Unavailable => anyhow::anyhow!("cannot reach the database"),
@@ -465,8 +528,7 @@ async fn batch_pool(database_url: &str) -> anyhow::Result<store::PgPool> {
                     "the database is not migrated; run `account-projector migrate` first"
                 )
             }
-        })?;
-    Ok(pool)
+        })
 }
 
 /// The error and its causes in one line, without the repetitions of errors that quote their source.
@@ -492,7 +554,8 @@ async fn status(database_url: &str) -> anyhow::Result<ExitCode> {
             ..store::DbOptions::default()
         },
     )?;
-    let ready = store::check_ready(&pool).await;
+    let mut conn = pool.acquire().await.map_err(store::Error::from)?;
+    let ready = store::check_ready_on(&mut conn).await;
     if ready == Err(store::NotReady::Unavailable) {
         anyhow::bail!("cannot reach the database");
     }
@@ -507,7 +570,6 @@ async fn status(database_url: &str) -> anyhow::Result<ExitCode> {
     if ready.is_err() {
         return Ok(ExitCode::FAILURE);
     }
-    let mut conn = pool.acquire().await?;
     let head = store::log::head(&mut conn).await?;
     let checkpoint = store::snapshots::checkpoint(&mut conn, store::snapshots::CHECKPOINT).await?;
     let counts = store::log::counts(&mut conn).await?;

@@ -38,7 +38,9 @@ pub const RESOURCE_EVENTS: [&str; 4] = [
 /// What went wrong talking to Argyle, as one sentence.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("ARGYLE_API_URL {0:?} is not an http(s) URL")]
+    #[error(
+        "ARGYLE_API_URL {0:?} is not an https URL (plain http is allowed only to a loopback address)"
+    )]
     InvalidUrl(String),
     #[error(
         "Argyle refused the API key (HTTP {0}); check ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET"
@@ -191,12 +193,29 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Whether the URL's host is this machine: `localhost`, 127.0.0.0/8 or `[::1]`.
+fn is_loopback(url: &Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
 impl Client {
     /// A client of the API at `base_url` (e.g. [`SANDBOX_URL`]) with an API key.
     pub fn new(base_url: &str, key_id: &str, key_secret: &str) -> Result<Self> {
+        // The API key travels in every request: never in clear text beyond this machine.
         let base = Url::parse(base_url.trim_end_matches('/'))
             .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .filter(|u| match u.scheme() {
+                "https" => u.host().is_some(),
+                "http" => is_loopback(u),
+                _ => false,
+            })
             .ok_or_else(|| Error::InvalidUrl(base_url.to_owned()))?;
         let http = reqwest::Client::builder()
             .user_agent(concat!("account-projector/", env!("CARGO_PKG_VERSION")))
@@ -545,5 +564,26 @@ mod tests {
             Client::new("ftp://x", "a", "b"),
             Err(Error::InvalidUrl(_))
         ));
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_the_host_is_this_machine() {
+        let cases = [
+            ("https://api.argyle.com/v2", true),
+            ("http://127.0.0.1:9000/v2", true),
+            ("http://127.8.9.10/v2", true),
+            ("http://localhost:9000", true),
+            ("http://LOCALHOST", true),
+            ("http://[::1]:9000/v2", true),
+            ("http://api.argyle.com/v2", false),
+            ("http://10.0.0.1/v2", false),
+            ("http://localhost.evil.example/v2", false),
+            ("http://[::2]/v2", false),
+            ("ws://127.0.0.1/v2", false),
+        ];
+        for (url, allowed) in cases {
+            assert_eq!(Client::new(url, "id", "secret").is_ok(), allowed, "{url}");
+        }
+        assert_eq!(cases.len(), 11);
     }
 }

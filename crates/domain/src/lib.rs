@@ -18,6 +18,6 @@ pub mod snapshot;
 pub use envelope::{ACCOUNT_FETCHED, ACCOUNT_NOT_FOUND, Envelope, EnvelopeError, EventKind};
 pub use resource::Resource;
 pub use snapshot::{
-    AccountSnapshot, AccountStatus, AccountView, FoldError, LoggedEvent, RawEvent, apply, fold,
-    step,
+    AccountSnapshot, AccountStatus, AccountView, FoldError, LoggedEvent, Origin, RawEvent, apply,
+    fold, step,
 };

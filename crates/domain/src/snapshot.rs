@@ -260,6 +260,18 @@ pub struct RawEvent<'a> {
     pub received_at: DateTime<Utc>,
     /// The body exactly as received.
     pub body: &'a [u8],
+    pub origin: Origin,
+}
+
+/// Where a logged event came from, as the log recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A webhook delivery.
+    Webhook,
+    /// An answer of Argyle's API, appended by the service itself (the enricher).
+    ArgyleApi,
+    /// Appended before the log recorded origins: the event's name says.
+    Unrecorded,
 }
 
 /// The fold step every fold of the log takes (projector, rebuild, verify, time travel, history):
@@ -272,6 +284,11 @@ pub fn step(
 ) -> Result<Option<AccountSnapshot>, FoldError> {
     let envelope = Envelope::parse_logged(event.body)
         .map_err(|e| FoldError::BodyUnparseable(e.to_string()))?;
+    // Only the service's own fetches speak for Argyle's API: a webhook that calls itself a fetch
+    // is logged like any other unknown family, and not folded.
+    if envelope.kind() == EventKind::AccountFetched && event.origin == Origin::Webhook {
+        return Ok(snapshot);
+    }
     let logged = LoggedEvent {
         position: event.position,
         received_at: event.received_at,

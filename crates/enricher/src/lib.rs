@@ -300,7 +300,7 @@ async fn fetch_one(
         }
     };
     let mut tx = conn.begin().await?;
-    let appended = store::log::append_in(
+    let appended = store::log::append_fetched_in(
         &mut tx,
         &[Delivery::new(&body, None, &envelope)],
         // The body carries the fetch time, so no two fetches are the same event.

@@ -37,7 +37,7 @@ pub mod snapshots;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 pub use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
@@ -68,12 +68,29 @@ pub enum Error {
     /// Postgres answered with an error that retrying will not fix.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// The TLS handshake with the database failed: the server's certificate was refused under
+    /// `sslmode=verify-ca`/`verify-full`, a root certificate could not be read, or the server
+    /// offers no TLS under `require`. Retrying does not help until the configuration changes.
+    #[error(
+        "could not connect to the database over TLS ({0}); check sslmode and sslrootcert in DATABASE_URL"
+    )]
+    Tls(#[source] sqlx::Error),
     /// The database URL cannot be used.
     #[error("invalid database URL: {0}")]
     InvalidUrl(String),
     /// Creating the database or applying migrations failed.
     #[error("migration failed: {0}")]
     Migration(String),
+    /// Migrations are pending and the connected role cannot apply them (it does not own the
+    /// schema): the least-privilege service role, for one.
+    #[error(
+        "the database schema is at V{applied} and this build needs V{latest}, but role {role} cannot apply migrations; run `account-projector migrate` as the schema's owner (deploy/roles.sql)"
+    )]
+    CannotMigrate {
+        role: String,
+        applied: i64,
+        latest: i64,
+    },
     /// The checkpoint was not where this projector left it: another writer moved it.
     #[error("the checkpoint {name} moved from {expected}: another projector is writing")]
     Fenced { name: String, expected: i64 },
@@ -83,7 +100,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
-        if is_transient(&error) {
+        if is_tls_failure(&error) {
+            Self::Tls(error)
+        } else if is_transient(&error) {
             Self::Unavailable(error)
         } else {
             Self::Database(error)
@@ -92,9 +111,9 @@ impl From<sqlx::Error> for Error {
 }
 
 impl Error {
-    /// True when the database could not be reached or timed out.
+    /// True when the database could not be reached (TLS included) or timed out.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::Tls(_))
     }
 
     /// True when the database refused what a statement carried rather than failed to run it: a
@@ -130,12 +149,21 @@ impl Error {
     }
 }
 
+/// A failed TLS handshake: sqlx's own TLS errors (no TLS offered, an unreadable root
+/// certificate), and the certificate errors rustls reports through the socket.
+fn is_tls_failure(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        _ => false,
+    }
+}
+
 fn is_transient(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
         sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // connection exceptions, insufficient resources, query canceled (statement timeout),
@@ -183,9 +211,70 @@ pub(crate) async fn usable_after(conn: &mut PgConnection, idle: Duration) -> boo
     idle <= IDLE_BEFORE_PING || sqlx::Connection::ping(conn).await.is_ok()
 }
 
-/// Parses a database URL into connect options.
+/// Parses a database URL into connect options, with libpq's TLS parameters: `sslmode`
+/// (`disable`, `prefer` (the default), `require`, `verify-ca`, `verify-full`) and `sslrootcert`,
+/// also from `PGSSLMODE` and `PGSSLROOTCERT`.
+///
+/// As in libpq, `require` with a root certificate given verifies the server's certificate against
+/// it (like `verify-ca`): naming a root certificate is asking for it to be checked.
 pub fn connect_options(database_url: &str) -> Result<PgConnectOptions> {
-    PgConnectOptions::from_str(database_url).map_err(|e| Error::InvalidUrl(e.to_string()))
+    let options = PgConnectOptions::from_str(database_url)
+        // sqlx's message quotes no part of the URL, so no password reaches a log.
+        .map_err(|e| Error::InvalidUrl(e.to_string()))?;
+    let Some(root_cert) = root_cert(database_url) else {
+        return Ok(options);
+    };
+    // Said at once, rather than as a bare "No such file or directory" at the first connection.
+    if !matches!(options.get_ssl_mode(), PgSslMode::Disable)
+        && let Err(e) = std::fs::File::open(&root_cert)
+    {
+        return Err(Error::InvalidUrl(format!(
+            "sslrootcert {root_cert} cannot be read: {e}"
+        )));
+    }
+    Ok(match options.get_ssl_mode() {
+        PgSslMode::Require => options.ssl_mode(PgSslMode::VerifyCa),
+        _ => options,
+    })
+}
+
+/// The URL with its password (in the authority or as a `password` parameter) replaced by `***`,
+/// for logs and `Debug`; a URL that does not parse is shown as `<unparseable URL>`, since it
+/// could hold a password anywhere.
+pub fn redacted_url(database_url: &str) -> String {
+    let Ok(mut url) = url::Url::parse(database_url) else {
+        return "<unparseable URL>".into();
+    };
+    if url.password().is_some() && url.set_password(Some("***")).is_err() {
+        return "<unparseable URL>".into();
+    }
+    if url.query_pairs().any(|(key, _)| key == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if key == "password" {
+                    "***".into()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+/// The root certificate file the URL (or else `PGSSLROOTCERT`) names, if any.
+fn root_cert(database_url: &str) -> Option<String> {
+    let in_url = url::Url::parse(database_url).ok().and_then(|url| {
+        url.query_pairs()
+            .find(|(key, _)| matches!(&**key, "sslrootcert" | "ssl-root-cert" | "ssl-ca"))
+            .map(|(_, value)| value.into_owned())
+    });
+    in_url
+        .or_else(|| std::env::var("PGSSLROOTCERT").ok())
+        .filter(|path| !path.is_empty())
 }
 
 /// A pool that connects on first use, so a server can start (and report not ready) while Postgres
@@ -282,4 +371,63 @@ pub async fn begin_shared_read<'c>(
 pub async fn analyze(conn: &mut PgConnection) -> Result<()> {
     sqlx::query("ANALYZE events").execute(conn).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redacted_url_keeps_everything_but_the_password() {
+        let cases = [
+            (
+                "postgres://svc:s3cr%2Ft@db.example:5432/ap?sslmode=require",
+                "postgres://svc:***@db.example:5432/ap?sslmode=require",
+            ),
+            (
+                "postgres://svc@db/ap?password=s3cret&sslmode=verify-full",
+                "postgres://svc@db/ap?password=***&sslmode=verify-full",
+            ),
+            ("postgres://db/ap", "postgres://db/ap"),
+            ("not a url s3cret", "<unparseable URL>"),
+        ];
+        for (url, redacted) in cases {
+            assert_eq!(redacted_url(url), redacted);
+            assert!(!redacted_url(url).contains("s3cr"), "{url}");
+        }
+        assert_eq!(cases.len(), 4);
+    }
+
+    #[test]
+    fn require_with_a_root_certificate_verifies_it_as_libpq_does() {
+        let mode = |url: &str| connect_options(url).unwrap().get_ssl_mode();
+        assert!(matches!(
+            mode("postgres://h/db?sslmode=require"),
+            PgSslMode::Require
+        ));
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"); // any readable file
+        assert!(matches!(
+            mode(&format!(
+                "postgres://h/db?sslmode=require&sslrootcert={root}"
+            )),
+            PgSslMode::VerifyCa
+        ));
+        assert!(matches!(
+            mode(&format!(
+                "postgres://h/db?sslmode=verify-full&sslrootcert={root}"
+            )),
+            PgSslMode::VerifyFull
+        ));
+        let missing = connect_options("postgres://h/db?sslmode=verify-full&sslrootcert=/no/ca.pem");
+        assert!(
+            missing
+                .unwrap_err()
+                .to_string()
+                .contains("sslrootcert /no/ca.pem cannot be read")
+        );
+        assert!(matches!(
+            mode("postgres://h/db?sslmode=disable"),
+            PgSslMode::Disable
+        ));
+    }
 }

@@ -5,7 +5,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use domain::{Envelope, EnvelopeError, LoggedEvent};
 use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
-use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -59,8 +58,8 @@ pub async fn append(
     Ok(appended[0])
 }
 
-/// Appends deliveries, in order, inside the caller's transaction (or as one transaction if the
-/// connection has none); durable once that commits. One answer per delivery, in order.
+/// Appends webhook deliveries, in order, inside the caller's transaction (or as one transaction if
+/// the connection has none); durable once that commits. One answer per delivery, in order.
 ///
 /// Takes [`APPEND_LOCK`] until the transaction ends. A body identical (sha256) to an event received
 /// less than `dedup_window` ago, earlier deliveries of the same call included, is recorded as
@@ -71,6 +70,27 @@ pub async fn append_in(
     deliveries: &[Delivery],
     dedup_window: Duration,
 ) -> Result<Vec<Appended>> {
+    append_as(conn, Origin::Webhook, deliveries, dedup_window).await
+}
+
+/// Appends answers of Argyle's API (`argyle.account_fetched`, `argyle.account_not_found`; no
+/// signature) like [`append_in`]. The log records them as coming from the API, which is what
+/// makes the projector fold a fetched account: a webhook of the same name is logged, not folded.
+#[tracing::instrument(skip_all, fields(deliveries = deliveries.len()))]
+pub async fn append_fetched_in(
+    conn: &mut PgConnection,
+    deliveries: &[Delivery],
+    dedup_window: Duration,
+) -> Result<Vec<Appended>> {
+    append_as(conn, Origin::ArgyleApi, deliveries, dedup_window).await
+}
+
+async fn append_as(
+    conn: &mut PgConnection,
+    origin: Origin,
+    deliveries: &[Delivery],
+    dedup_window: Duration,
+) -> Result<Vec<Appended>> {
     if deliveries.is_empty() {
         return Ok(vec![]);
     }
@@ -78,27 +98,40 @@ pub async fn append_in(
     let accounts: Vec<Option<Uuid>> = deliveries.iter().map(|d| d.account_id).collect();
     let users: Vec<Option<Uuid>> = deliveries.iter().map(|d| d.user_id).collect();
     let bodies: Vec<&[u8]> = deliveries.iter().map(|d| d.body.as_slice()).collect();
-    let sha256s: Vec<Vec<u8>> = deliveries
-        .iter()
-        .map(|d| Sha256::digest(&d.body).to_vec())
-        .collect();
-    let signatures: Vec<Option<&str>> = deliveries.iter().map(|d| d.signature.as_deref()).collect();
-    // migrations/V10__append_with_one_plan.sql (first V5): lock, dedup lookups, inserts, in one
-    // round trip.
-    let rows: Vec<(i64, bool)> = sqlx::query_as(
-        "SELECT appended_position, is_duplicate
-         FROM append_events($1, $2, $3, $4, $5, $6, $7, make_interval(secs => $8))",
-    )
-    .bind(APPEND_LOCK)
-    .bind(events)
-    .bind(accounts)
-    .bind(users)
-    .bind(bodies)
-    .bind(sha256s)
-    .bind(signatures)
-    .bind(dedup_window.as_secs_f64())
-    .fetch_all(&mut *conn)
-    .await?;
+    let window = dedup_window.as_secs_f64();
+    // migrations/V12__least_privilege.sql (first V5): lock, positions, sha256s, dedup lookups and
+    // inserts, in one round trip, as the schema's owner (the service may not insert itself).
+    let rows: Vec<(i64, bool)> = match origin {
+        Origin::Webhook => {
+            let signatures: Vec<Option<&str>> =
+                deliveries.iter().map(|d| d.signature.as_deref()).collect();
+            sqlx::query_as(
+                "SELECT appended_position, is_duplicate
+                 FROM append_webhooks($1, $2, $3, $4, $5, make_interval(secs => $6))",
+            )
+            .bind(events)
+            .bind(accounts)
+            .bind(users)
+            .bind(bodies)
+            .bind(signatures)
+            .bind(window)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+        Origin::ArgyleApi => {
+            sqlx::query_as(
+                "SELECT appended_position, is_duplicate
+                 FROM append_fetched($1, $2, $3, $4, make_interval(secs => $5))",
+            )
+            .bind(events)
+            .bind(accounts)
+            .bind(users)
+            .bind(bodies)
+            .bind(window)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+    };
     Ok(rows
         .into_iter()
         .map(|(position, duplicate)| Appended {
@@ -106,6 +139,13 @@ pub async fn append_in(
             duplicate,
         })
         .collect())
+}
+
+/// Where an event came from (`events.origin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Webhook,
+    ArgyleApi,
 }
 
 /// One event as stored, with the raw body the fold parses.
@@ -117,6 +157,8 @@ pub struct StoredEvent {
     pub account_id: Option<Uuid>,
     pub user_id: Option<Uuid>,
     pub body: Vec<u8>,
+    /// `webhook` or `argyle_api`; `None` for events appended before the log recorded it.
+    pub origin: Option<String>,
 }
 
 impl StoredEvent {
@@ -126,6 +168,11 @@ impl StoredEvent {
             position: self.position,
             received_at: self.received_at,
             body: &self.body,
+            origin: match self.origin.as_deref() {
+                Some("webhook") => domain::Origin::Webhook,
+                Some(_) => domain::Origin::ArgyleApi,
+                None => domain::Origin::Unrecorded,
+            },
         }
     }
 
@@ -152,7 +199,7 @@ pub async fn read_after(
     limit: i64,
 ) -> Result<Vec<StoredEvent>> {
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT position, received_at, event, account_id, user_id, body
+        "SELECT position, received_at, event, account_id, user_id, body, origin
          FROM events WHERE position > $1 AND {NOT_REFUSED_BY_STORE} ORDER BY position LIMIT $2"
     )))
     .bind(after)
@@ -313,7 +360,7 @@ pub fn account_history(
     until: Until,
 ) -> BoxStream<'_, Result<StoredEvent>> {
     let sql = format!(
-        "SELECT position, received_at, event, account_id, user_id, body FROM events
+        "SELECT position, received_at, event, account_id, user_id, body, origin FROM events
           WHERE account_id = $1 AND ($2::bigint IS NULL OR position <= $2)
             AND ($3::timestamptz IS NULL OR received_at <= $3) AND {NOT_REFUSED_BY_STORE}
           ORDER BY position"
@@ -339,7 +386,7 @@ pub fn account_events_by_account(
     account: Option<Uuid>,
 ) -> BoxStream<'_, Result<StoredEvent>> {
     let sql = format!(
-        "SELECT position, received_at, event, account_id, user_id, body FROM events
+        "SELECT position, received_at, event, account_id, user_id, body, origin FROM events
          WHERE position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR account_id = $2)
            AND {NOT_REFUSED_BY_STORE}
          ORDER BY account_id, position"

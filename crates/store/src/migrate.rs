@@ -1,10 +1,18 @@
 //! Creating the database and applying the refinery migrations in `migrations/`.
 //!
-//! refinery runs over its own tokio-postgres connection; a session advisory lock makes concurrent
-//! `migrate` runs (several replicas starting at once) take turns instead of racing.
+//! refinery runs over a sqlx connection ([`SqlxMigrator`]), so migrations connect exactly like
+//! every other command: same URL, same TLS parameters (`sslmode`, `sslrootcert`). A session
+//! advisory lock makes concurrent `migrate` runs (several replicas starting at once) take turns
+//! instead of racing.
+//!
+//! Only a role that owns the schema can migrate. Before applying anything, [`migrate`] reads where
+//! the schema stands: a current schema needs nothing (so the least-privilege service role can start
+//! with migrations on), and pending migrations that this role cannot apply are an error that says
+//! so, instead of a `permission denied` halfway through a migration.
 
-use sqlx::{ConnectOptions, Connection};
-use tokio_postgres::NoTls;
+use refinery::Migration;
+use refinery_core::traits::r#async::{AsyncMigrate, AsyncQuery, AsyncTransaction};
+use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use crate::{Error, Result, connect_options};
 
@@ -21,6 +29,26 @@ pub struct MigrationReport {
     pub created_database: bool,
     /// Names of the migrations applied by this run, in order (`V1__event_log`, ...).
     pub applied: Vec<String>,
+    /// The schema's version after the run.
+    pub version: i64,
+}
+
+/// Where a database's schema stands, for the role connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaState {
+    /// The highest migration applied (0 on an empty database).
+    pub applied: i64,
+    /// The highest migration this build knows.
+    pub latest: i64,
+    /// The connected role may create objects in the schema and owns the tables already there.
+    pub can_migrate: bool,
+}
+
+impl SchemaState {
+    /// Every migration this build knows is applied.
+    pub fn is_current(&self) -> bool {
+        self.applied >= self.latest
+    }
 }
 
 /// The highest migration version this build knows.
@@ -33,44 +61,135 @@ pub fn latest_version() -> i64 {
         .unwrap_or(0)
 }
 
-/// Creates the database named in `database_url` if it does not exist, then applies pending migrations.
+/// Where the schema of the connected database stands.
+pub async fn schema_state(conn: &mut PgConnection) -> Result<SchemaState> {
+    let (has_history, can_migrate): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('refinery_schema_history') IS NOT NULL,
+                has_schema_privilege(current_schema(), 'CREATE')
+                AND coalesce((SELECT pg_has_role(current_user, c.relowner, 'USAGE')
+                                FROM pg_class c WHERE c.oid = to_regclass('events')), true)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let applied: Option<i64> = if has_history {
+        sqlx::query_scalar("SELECT max(version)::bigint FROM refinery_schema_history")
+            .fetch_one(&mut *conn)
+            .await?
+    } else {
+        None
+    };
+    Ok(SchemaState {
+        applied: applied.unwrap_or(0),
+        latest: latest_version(),
+        can_migrate,
+    })
+}
+
+/// Creates the database named in `database_url` if it does not exist, then applies pending
+/// migrations. A current schema is left alone (any role may call this then); pending migrations
+/// the connected role cannot apply are [`Error::CannotMigrate`].
 #[tracing::instrument(skip_all)]
 pub async fn migrate(database_url: &str) -> Result<MigrationReport> {
     let created_database = create_database_if_missing(database_url).await?;
-    let config: tokio_postgres::Config = database_url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| Error::InvalidUrl(e.to_string()))?;
-    let (mut client, connection) = config.connect(NoTls).await.map_err(migration_error)?;
-    let connection = tokio::spawn(connection);
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(migration_error)?;
-    let report = embedded::migrations::runner().run_async(&mut client).await;
+    let mut conn = connect_options(database_url)?.connect().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut conn)
+        .await?;
+    let report = migrate_locked(&mut conn).await;
     // The lock is a session lock: closing the connection releases it even if unlock is never sent.
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut conn)
         .await;
-    drop(client);
-    let _ = connection.await;
-    let report = report.map_err(|e| Error::Migration(e.to_string()))?;
-    let applied: Vec<String> = report
-        .applied_migrations()
-        .iter()
-        .map(|m| format!("V{}__{}", m.version(), m.name()))
-        .collect();
+    let _ = conn.close().await;
+    let (applied, version) = report?;
     for name in &applied {
         tracing::info!(migration = %name, "applied migration");
     }
     Ok(MigrationReport {
         created_database,
         applied,
+        version,
     })
 }
 
-fn migration_error(error: tokio_postgres::Error) -> Error {
-    Error::Migration(error.to_string())
+async fn migrate_locked(conn: &mut PgConnection) -> Result<(Vec<String>, i64)> {
+    let state = schema_state(conn).await?;
+    if state.is_current() {
+        return Ok((vec![], state.applied));
+    }
+    if !state.can_migrate {
+        let role: String = sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(&mut *conn)
+            .await?;
+        return Err(Error::CannotMigrate {
+            role,
+            applied: state.applied,
+            latest: state.latest,
+        });
+    }
+    let report = embedded::migrations::runner()
+        .run_async(&mut SqlxMigrator(conn))
+        .await
+        .map_err(|e| Error::Migration(e.to_string()))?;
+    let applied = report
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect();
+    Ok((applied, schema_state(conn).await?.applied))
 }
+
+/// refinery's driver for a sqlx connection: each call of `execute` is one transaction, the way
+/// refinery's own drivers do it (a migration and its history row commit together).
+struct SqlxMigrator<'c>(&'c mut PgConnection);
+
+impl AsyncTransaction for SqlxMigrator<'_> {
+    type Error = sqlx::Error;
+
+    async fn execute<'a, T: Iterator<Item = &'a str> + Send + 'a>(
+        &'a mut self,
+        queries: T,
+    ) -> Result<usize, Self::Error> {
+        let mut tx = self.0.begin().await?;
+        let mut count = 0;
+        for query in queries {
+            // Simple-query protocol: a migration may hold many statements.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(query))
+                .execute(&mut *tx)
+                .await?;
+            count += 1;
+        }
+        tx.commit().await?;
+        Ok(count)
+    }
+}
+
+impl AsyncQuery<Vec<Migration>> for SqlxMigrator<'_> {
+    async fn query<'a>(&'a mut self, query: &'a str) -> Result<Vec<Migration>, Self::Error> {
+        use time::format_description::well_known::Rfc3339;
+        let rows: Vec<(i32, String, String, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(query.to_owned()))
+                .fetch_all(&mut *self.0)
+                .await?;
+        rows.into_iter()
+            .map(|(version, name, applied_on, checksum)| {
+                let corrupt = |what: &str| {
+                    sqlx::Error::Protocol(format!(
+                        "refinery_schema_history row V{version} has an unreadable {what}"
+                    ))
+                };
+                let applied_on = time::OffsetDateTime::parse(&applied_on, &Rfc3339)
+                    .map_err(|_| corrupt("applied_on"))?;
+                let checksum = checksum.parse().map_err(|_| corrupt("checksum"))?;
+                Ok(Migration::applied(version, name, applied_on, checksum))
+            })
+            .collect()
+    }
+}
+
+impl AsyncMigrate for SqlxMigrator<'_> {}
 
 async fn create_database_if_missing(database_url: &str) -> Result<bool> {
     let target = connect_options(database_url)?;

@@ -250,10 +250,7 @@ async fn append_alone(
         "benches/pgbench/append.sql",
         clients,
         seconds,
-        &[
-            ("group", group.to_string()),
-            ("lock_key", store::log::APPEND_LOCK.to_string()),
-        ],
+        &[("group", group.to_string())],
     )?;
     let after = store::log::counts(&mut *pool.acquire().await?).await?;
     pool.close().await;
@@ -704,7 +701,7 @@ async fn main() -> anyhow::Result<()> {
         "",
     ));
     rows.push(row(
-        &format!("the log alone, no HTTP: pgbench, 1 client calling `append_events` with {c} new deliveries each (every group full: group commit's best case at {c} in flight)"),
+        &format!("the log alone, no HTTP: pgbench, 1 client calling `append_webhooks` with {c} new deliveries each (every group full: group commit's best case at {c} in flight)"),
         format!("{full_groups:.0}/s"),
         &format!("{insert_tps:.0}/s"),
         Some(full_groups / insert_tps),
@@ -1027,7 +1024,7 @@ async fn main() -> anyhow::Result<()> {
     let appended = append_bodies(&pool, bodies.take(args.rebuild_events)).await?;
     let load_secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "bench: loaded {appended} events in {load_secs:.1} s ({:.0}/s through append_events, batches of 1,000)",
+        "bench: loaded {appended} events in {load_secs:.1} s ({:.0}/s through append_webhooks, batches of 1,000)",
         appended as f64 / load_secs
     );
     {
