@@ -1,34 +1,33 @@
-//! The query API: account snapshots over HTTP, health endpoints, and the problem+json error type.
+//! The query API: account snapshots over HTTP.
 //!
 //! # Layout
-//! - [`problem`]: [`Problem`], the RFC 9457 error every route (ingest included) answers with.
-//! - [`router`]: `/v1` routes behind bearer tokens; [`health_router`]: `/healthz`, `/readyz`.
+//! - [`router`]: `/v1` routes behind bearer tokens (errors are [`web::Problem`]s).
+//! - [`view`]: [`AccountView`], what `/v1` says about an account.
+//! - [`reader`]: current-snapshot lookups that arrive together share one read.
 //! - `history`: the audit routes: an account's events, the global log, field-level changes, and
-//!   time travel (`?as_of=` / `?at_position=`), all replayed with the same [`domain::apply`].
+//!   time travel (`?as_of=` / `?at_position=`), all replayed with the same [`domain::step`].
 
 #![forbid(unsafe_code)]
 
 mod history;
 pub mod openapi;
-pub mod problem;
 pub mod reader;
+pub mod view;
 
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use domain::AccountView;
 use serde::Serialize;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection as _, PgConnection};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-pub use problem::Problem;
+pub use view::AccountView;
+pub use web::Problem;
 
 /// What the query routes need.
 pub struct ApiState {
@@ -68,98 +67,6 @@ pub fn router(state: ApiState) -> Router {
             require_token,
         ))
         .with_state(state)
-}
-
-/// `/healthz` (the process answers) and `/readyz` (answered from [`Readiness`], never by a query).
-pub fn health_router(readiness: Readiness) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(readiness)
-}
-
-/// Whether this process is ready, as last seen: the database check refreshed by
-/// [`Readiness::refresh`] at most once a second, and whether every task of its roles still runs.
-/// `/readyz` reads it and so costs no query, however often it is asked.
-#[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<std::sync::Mutex<ReadinessState>>);
-
-#[derive(Debug, Default)]
-struct ReadinessState {
-    /// The last database check; `None` before the first.
-    database: Option<Result<(), store::NotReady>>,
-    /// A task of this process's roles that stopped.
-    dead_task: Option<&'static str>,
-}
-
-/// How often [`Readiness::refresh`] checks the database, and how long one check may take.
-pub const READINESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-impl Readiness {
-    /// Why the process is not ready, if it is not.
-    pub fn check(&self) -> Result<(), String> {
-        let state = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(task) = state.dead_task {
-            return Err(format!("the {task} task has stopped"));
-        }
-        match state.database {
-            None => Err("starting".into()),
-            Some(Err(reason)) => Err(reason.to_string()),
-            Some(Ok(())) => Ok(()),
-        }
-    }
-
-    /// Marks a task of this process's roles as stopped: not ready from now on.
-    pub fn task_stopped(&self, task: &'static str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).dead_task = Some(task);
-    }
-
-    /// Checks the database once (at most [`READINESS_INTERVAL`]) and keeps the answer. `conn` is
-    /// the check's own session, opened when missing and dropped after an error: never one of the
-    /// pool's, so the check neither competes with requests nor leaves a pooled connection that a
-    /// restarted server has dropped looking freshly used.
-    pub async fn check_database(
-        &self,
-        options: &PgConnectOptions,
-        conn: &mut Option<PgConnection>,
-    ) {
-        let check = async {
-            if conn.is_none() {
-                *conn = Some(
-                    PgConnection::connect_with(options)
-                        .await
-                        .map_err(|_| store::NotReady::Unavailable)?,
-                );
-            }
-            match conn.as_mut() {
-                Some(c) => store::check_ready_on(c).await,
-                None => Err(store::NotReady::Unavailable),
-            }
-        };
-        let checked = tokio::time::timeout(READINESS_INTERVAL, check)
-            .await
-            .unwrap_or(Err(store::NotReady::Unavailable));
-        if checked.is_err() {
-            *conn = None;
-        }
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).database = Some(checked);
-    }
-
-    /// Checks the database every [`READINESS_INTERVAL`] until `shutdown` fires.
-    pub async fn refresh(
-        self,
-        options: PgConnectOptions,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) {
-        let mut conn = None;
-        loop {
-            self.check_database(&options, &mut conn).await;
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(READINESS_INTERVAL) => {}
-            }
-        }
-    }
 }
 
 async fn require_token(
@@ -248,7 +155,7 @@ async fn get_account(
         }
     };
     snapshot
-        .map(|s| Json(s.view()))
+        .map(|s| Json(AccountView::from(&s)))
         .ok_or_else(|| Problem::not_found(format!("no account {account_id}")))
 }
 
@@ -279,53 +186,8 @@ async fn get_user_accounts(
     let accounts = store::snapshots::of_user(&mut conn, user_id)
         .await?
         .iter()
-        .map(|s| s.view())
+        .map(AccountView::from)
         .collect();
     conn.release();
     Ok(Json(UserAccounts { user_id, accounts }))
-}
-
-/// A health answer.
-#[derive(Serialize, utoipa::ToSchema)]
-pub(crate) struct Health {
-    #[schema(value_type = String, example = "ok")]
-    status: &'static str,
-}
-
-/// Liveness: the process answers.
-#[utoipa::path(
-    get,
-    path = "/healthz",
-    tag = "operations",
-    responses((status = 200, description = "The process is alive", body = Health,
-        example = json!({"status": "ok"})))
-)]
-async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok" })
-}
-
-/// Readiness: the database answers, every migration is applied, and every task of this process's
-/// roles runs (as last checked, at most a second ago).
-#[utoipa::path(
-    get,
-    path = "/readyz",
-    tag = "operations",
-    responses(
-        (status = 200, description = "Ready to serve", body = Health, example = json!({"status": "ready"})),
-        (status = 503, description = "`not_ready`: the database is unreachable, migrations are pending, or a task of this process has stopped",
-            body = Problem, content_type = "application/problem+json"),
-    )
-)]
-async fn readyz(State(readiness): State<Readiness>) -> Result<Json<Health>, Problem> {
-    match readiness.check() {
-        Ok(()) => Ok(Json(Health { status: "ready" })),
-        Err(reason) => Err(Problem {
-            retry_after: Some(5),
-            ..Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
-                reason.to_string(),
-            )
-        }),
-    }
 }

@@ -1,4 +1,4 @@
-//! The OpenAPI description of the query and health routes, generated from the handlers.
+//! The OpenAPI description of the query routes, generated from the handlers.
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi as Document, Ref, ResponseBuilder};
@@ -6,7 +6,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::history;
 
-/// `/v1/*`, `/healthz`, `/readyz`.
+/// `/v1/*`.
 #[derive(OpenApi)]
 #[openapi(
     paths(
@@ -16,15 +16,12 @@ use crate::history;
         history::account_changes,
         history::all_events,
         history::quarantine,
-        crate::healthz,
-        crate::readyz,
     ),
     components(schemas(crate::Problem)),
     modifiers(&QueryRoutes),
     tags(
         (name = "accounts", description = "Current and past account views"),
         (name = "audit", description = "The event log, field-level changes and quarantined events"),
-        (name = "operations", description = "Health, readiness, metrics and this document"),
     )
 )]
 pub struct ApiDoc;
@@ -42,7 +39,7 @@ impl Modify for QueryRoutes {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "A token from API_TOKENS; /v1 is open when API_TOKENS is unset",
+                        "A token from API_TOKENS (required unless the service runs with ALLOW_OPEN_API=true)",
                     ))
                     .build(),
             ),
@@ -58,10 +55,7 @@ impl Modify for QueryRoutes {
                 let responses = &mut operation.responses.responses;
                 responses.insert(
                     "401".into(),
-                    problem(
-                        "`unauthorized`: API_TOKENS is set and no valid bearer token was given",
-                    )
-                    .into(),
+                    problem("`unauthorized`: no valid bearer token was given").into(),
                 );
                 responses.insert(
                     "503".into(),

@@ -1,6 +1,6 @@
 //! Shared reads: current-snapshot lookups that arrive while a read is in flight share the next one.
 //!
-//! One task per process takes every lookup queued at that moment (up to `max_batch`), reads those
+//! A [`Batcher`] takes every lookup queued at that moment (up to [`MAX_READ_BATCH`]), reads those
 //! accounts in one statement and answers each. As with the ingest's group commit nothing waits on a
 //! timer: a lone lookup is read at once, and under load a read carries what arrived during the
 //! previous one. Postgres then parses, plans and answers one statement for many requests, and the
@@ -15,23 +15,20 @@ use std::time::Duration;
 
 use domain::AccountSnapshot;
 use store::kept::KeptConnections;
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
+use web::batch::{Abandoned, Batcher, Handler};
 
 use crate::Problem;
 
 /// Most lookups one read carries.
 pub const MAX_READ_BATCH: usize = 128;
 
-struct Lookup {
-    account_id: Uuid,
-    reply: oneshot::Sender<Result<Option<AccountSnapshot>, Problem>>,
-}
+type Answer = Result<Option<AccountSnapshot>, Problem>;
 
 /// Handle to the reading task; cheap to clone. The task ends when the last handle is dropped.
 #[derive(Clone, Debug)]
 pub struct SnapshotReader {
-    lookups: mpsc::Sender<Lookup>,
+    lookups: Batcher<Uuid, Answer>,
 }
 
 impl SnapshotReader {
@@ -45,60 +42,54 @@ impl SnapshotReader {
     }
 
     /// [`SnapshotReader::start`] without the spawn: a handle and the reading loop, for the caller
-    /// to run as a supervised task.
+    /// to run as a supervised task. A lookup whose request was cancelled while queued (its client
+    /// went away) needs no read.
     pub fn new(
         db: KeptConnections,
         timeout: Duration,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let (lookups, queue) = mpsc::channel(MAX_READ_BATCH * 8);
-        (Self { lookups }, read_loop(db, timeout, queue))
+        let (lookups, read_loop) =
+            Batcher::new(MAX_READ_BATCH, Abandoned::Skip, SharedRead { db, timeout });
+        (Self { lookups }, read_loop)
     }
 
     /// The account's current snapshot, read by a query that started after this call.
-    pub async fn get(&self, account_id: Uuid) -> Result<Option<AccountSnapshot>, Problem> {
-        let (reply, answer) = oneshot::channel();
+    pub async fn get(&self, account_id: Uuid) -> Answer {
         self.lookups
-            .send(Lookup { account_id, reply })
+            .call(account_id)
             .await
-            .map_err(|_| Problem::unavailable())?;
-        answer.await.map_err(|_| Problem::unavailable())?
+            .map_err(|_| Problem::unavailable())?
     }
 
     /// Lookups waiting for the next read.
     pub fn pending(&self) -> usize {
-        self.lookups.max_capacity() - self.lookups.capacity()
+        self.lookups.pending()
     }
 }
 
-async fn read_loop(db: KeptConnections, timeout: Duration, mut queue: mpsc::Receiver<Lookup>) {
-    let mut batch = Vec::with_capacity(MAX_READ_BATCH);
-    while queue.recv_many(&mut batch, MAX_READ_BATCH).await > 0 {
-        // A request cancelled while queued (its client went away) needs no read.
-        batch.retain(|lookup| !lookup.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        metrics::histogram!("snapshot_read_batch_size").record(batch.len() as f64);
-        let ids: Vec<Uuid> = batch.iter().map(|lookup| lookup.account_id).collect();
+/// One read per batch of lookups.
+struct SharedRead {
+    db: KeptConnections,
+    timeout: Duration,
+}
+
+impl Handler for SharedRead {
+    type Request = Uuid;
+    type Reply = Answer;
+
+    async fn handle(&mut self, ids: Vec<Uuid>) -> Vec<Answer> {
+        metrics::histogram!("snapshot_read_batch_size").record(ids.len() as f64);
+        let timeout = self.timeout;
         // On timeout the read's connection is dropped mid-query, never kept for the next read.
-        let outcome = tokio::time::timeout(timeout, read(&db, &ids))
+        let outcome = tokio::time::timeout(timeout, read(&self.db, &ids))
             .await
             .unwrap_or_else(|_| {
                 tracing::warn!(?timeout, lookups = ids.len(), "reading snapshots timed out");
                 Err(Problem::unavailable())
             });
         match outcome {
-            Ok(found) => {
-                for lookup in batch.drain(..) {
-                    let snapshot = found.get(&lookup.account_id).cloned();
-                    let _ = lookup.reply.send(Ok(snapshot));
-                }
-            }
-            Err(problem) => {
-                for lookup in batch.drain(..) {
-                    let _ = lookup.reply.send(Err(problem.clone()));
-                }
-            }
+            Ok(found) => ids.iter().map(|id| Ok(found.get(id).cloned())).collect(),
+            Err(problem) => ids.iter().map(|_| Err(problem.clone())).collect(),
         }
     }
 }

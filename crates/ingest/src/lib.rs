@@ -5,6 +5,8 @@
 //! - [`router`] and its one handler, which checks, in order: content type (415), size (413),
 //!   signature (401), JSON (400 `invalid_json`), envelope (400 `invalid_payload`), then appends.
 //! - [`Secrets`]: the HMAC-SHA512 check against every configured secret (rotation).
+//! - [`committer`]: group commit, on [`web::Batcher`]: deliveries that arrive together share one
+//!   transaction.
 //!
 //! Every rejection happens before the store is called, so a rejected request appends nothing.
 
@@ -13,7 +15,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::Problem;
 use axum::body::{Body, to_bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -23,6 +24,7 @@ use domain::{Envelope, EnvelopeError};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha512;
 use store::log::Delivery;
+use web::Problem;
 
 pub mod committer;
 

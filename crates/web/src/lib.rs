@@ -1,0 +1,21 @@
+//! The HTTP pieces every role of account-projector mounts, whatever it serves.
+//!
+//! # Layout
+//! - [`problem`]: [`Problem`], the RFC 9457 error every route answers with, and the 404/405
+//!   fallbacks.
+//! - [`health`]: `/healthz`, `/readyz` and the [`Readiness`] state they answer from.
+//! - [`middleware`]: [`middleware::finish`] puts the fallbacks, the request span, the time limit
+//!   and request ids around a router.
+//! - [`batch`]: [`Batcher`], requests that arrive while a batch runs share the next (the group
+//!   committer and the shared snapshot reader).
+
+#![forbid(unsafe_code)]
+
+pub mod batch;
+pub mod health;
+pub mod middleware;
+pub mod problem;
+
+pub use batch::{Abandoned, Batcher};
+pub use health::{HealthDoc, Readiness};
+pub use problem::Problem;
