@@ -67,7 +67,7 @@ impl EventKind {
     }
 
     /// True for every `accounts.*` event and [`ACCOUNT_FETCHED`], the ones the projector folds.
-    pub fn is_account_event(self) -> bool {
+    pub fn is_folded(self) -> bool {
         self != Self::NotAccountEvent
     }
 }
@@ -293,7 +293,7 @@ impl Envelope {
             ),
             None => (None, None, None),
         };
-        let (account, user) = if EventKind::of(&event).is_account_event() {
+        let (account, user) = if EventKind::of(&event).is_folded() {
             if data.is_none() {
                 return Err(EnvelopeError::InvalidPayload {
                     field: "data",

@@ -34,7 +34,7 @@ pub struct LoggedEvent {
 }
 
 /// Whether the account still exists at Argyle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AccountStatus {
     Active,
@@ -128,48 +128,6 @@ impl AccountSnapshot {
         check("removed_at", self.removed_at == other.removed_at);
         fields
     }
-
-    /// The account view served by the API.
-    pub fn view(&self) -> AccountView {
-        AccountView {
-            account_id: self.account_id,
-            user_id: self.user_id,
-            status: self.status,
-            connection_status: self.connection_status.clone(),
-            resource: self.resource.clone(),
-            resource_updated_at: self.resource_updated_at(),
-            version: self.version,
-            last_position: self.last_position,
-            last_event: self.last_event.clone(),
-            first_seen_at: self.first_seen_at,
-            last_event_at: self.last_event_at,
-            removed_at: self.removed_at,
-        }
-    }
-}
-
-/// The account view of the contract (`GET /v1/accounts/{id}`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AccountView {
-    pub account_id: Uuid,
-    pub user_id: Uuid,
-    pub status: AccountStatus,
-    /// The resource's `connection.status` as Argyle sent it (`connecting`, `connected`, `error`, ...).
-    pub connection_status: Option<String>,
-    /// The newest account object Argyle sent, exactly as sent.
-    #[schema(value_type = Option<Object>)]
-    pub resource: Option<Resource>,
-    pub resource_updated_at: Option<DateTime<Utc>>,
-    /// Distinct events folded into this view.
-    #[schema(minimum = 1)]
-    pub version: i64,
-    /// Log position of the last folded event.
-    #[schema(minimum = 1)]
-    pub last_position: i64,
-    pub last_event: String,
-    pub first_seen_at: DateTime<Utc>,
-    pub last_event_at: DateTime<Utc>,
-    pub removed_at: Option<DateTime<Utc>>,
 }
 
 /// Folds one event into an account's snapshot (`None` before the account's first event).
@@ -182,7 +140,7 @@ pub fn apply(
 ) -> Result<Option<AccountSnapshot>, FoldError> {
     let envelope = &event.envelope;
     let kind = envelope.kind();
-    if !kind.is_account_event() {
+    if !kind.is_folded() {
         return Ok(snapshot);
     }
     let (Some(account_id), Some(user_id)) = (envelope.account, envelope.user) else {
@@ -306,16 +264,6 @@ pub fn step(
         })
 }
 
-/// Folds a sequence of one account's events from nothing, skipping events the fold refuses.
-pub fn fold<'a>(events: impl IntoIterator<Item = &'a LoggedEvent>) -> Option<AccountSnapshot> {
-    events.into_iter().fold(None, |snapshot, event| {
-        match apply(snapshot.clone(), event) {
-            Ok(next) => next,
-            Err(_) => snapshot,
-        }
-    })
-}
-
 fn is_newer(candidate: &Resource, current: Option<&Resource>) -> bool {
     match (
         current.and_then(Resource::updated_at),
@@ -341,6 +289,17 @@ mod tests {
     use crate::ACCOUNT_FETCHED;
     use chrono::TimeZone;
     use proptest::prelude::*;
+
+    /// Folds a sequence of one account's events from nothing, skipping events the fold refuses.
+    fn fold<'a>(events: impl IntoIterator<Item = &'a LoggedEvent>) -> Option<AccountSnapshot> {
+        events.into_iter().fold(None, |snapshot, event| {
+            match apply(snapshot.clone(), event) {
+                Ok(next) => next,
+                Err(_) => snapshot,
+            }
+        })
+    }
+
     use serde_json::Value;
 
     const FIXTURES: [&[u8]; 8] = [
@@ -415,7 +374,7 @@ mod tests {
         assert_eq!(s.resource, Some(resource_of(FIXTURES[5])));
         assert_eq!(s.first_seen_at, events[0].received_at);
         assert_eq!(
-            s.view().resource_updated_at.unwrap().to_rfc3339(),
+            s.resource_updated_at().unwrap().to_rfc3339(),
             "2026-04-11T08:30:02.774190+00:00"
         );
     }

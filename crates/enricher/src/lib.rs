@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //! - [`run`]: the long-running loop. Like the projector, one enricher holds a session advisory lock
-//!   and works; others stand by. It wakes on append notifications, on the next due fetch, or every
+//!   and works; others stand by ([`store::leader::run_as_leader`]). It wakes on append notifications, on the next due fetch, or every
 //!   poll interval.
 //! - [`scan`]: reads the log after the enricher's checkpoint and records a request per account that
 //!   needs fetching (`store::enrichment`), moving the checkpoint in the same transaction.
@@ -29,8 +29,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use domain::{ACCOUNT_FETCHED, ACCOUNT_NOT_FOUND, Envelope, EventKind};
 use serde::Serialize;
 use serde_json::value::RawValue;
-use sqlx::Connection;
-use store::enrichment::{self, CHECKPOINT, Request};
+use store::checkpoints::{self, ENRICHER as CHECKPOINT};
+use store::enrichment::{self, Request};
+use store::leader::run_as_leader;
+use store::locks::Lock;
 use store::log::{AppendNotifications, Delivery, StoredEvent};
 use store::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -108,18 +110,27 @@ async fn lead(
     config: &EnricherConfig,
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
-    let mut conn = pool.acquire().await?.detach();
-    let mut announced = false;
-    while !enrichment::try_lock(&mut conn).await? {
-        if !announced {
-            tracing::info!("another enricher is working; standing by");
-            announced = true;
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(config.retry_interval) => {}
-        }
-    }
+    let standing_by = || tracing::info!("another enricher is working; standing by");
+    let work = |conn| enrich(conn, pool, client, config, shutdown);
+    run_as_leader(
+        pool,
+        Lock::Enricher,
+        config.retry_interval,
+        shutdown,
+        standing_by,
+        work,
+    )
+    .await
+}
+
+/// Scans and fetches as the one enricher, on the session that holds its lock, until `shutdown`.
+async fn enrich(
+    mut conn: PgConnection,
+    pool: &PgPool,
+    client: &argyle::Client,
+    config: &EnricherConfig,
+    shutdown: &CancellationToken,
+) -> store::Result<()> {
     tracing::info!(rate = config.rate, window = ?config.window, "enricher is working");
     let mut notifications = AppendNotifications::subscribe(pool).await?;
     let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate.max(0.001)));
@@ -156,7 +167,7 @@ async fn lead(
             .map_or(config.poll_interval, |d| d.min(config.poll_interval))
             .max(until_unpaused.min(config.poll_interval));
         tokio::select! {
-            () = shutdown.cancelled() => return conn.close().await.map_err(Into::into),
+            () = shutdown.cancelled() => return store::close(conn).await,
             notified = notifications.wait() => notified?,
             () = tokio::time::sleep(pause) => {}
         }
@@ -167,8 +178,8 @@ async fn lead(
 /// for (and drops those of removed accounts) and moves the checkpoint, in one transaction.
 /// Returns how many events it scanned.
 pub async fn scan(conn: &mut PgConnection, batch_size: i64) -> store::Result<usize> {
-    let mut tx = conn.begin().await?;
-    let from = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
+    let mut tx = store::begin(conn).await?;
+    let from = checkpoints::lock(&mut tx, CHECKPOINT).await?;
     let events = store::log::read_after(&mut tx, from, batch_size).await?;
     let Some(last) = events.last() else {
         return Ok(0);
@@ -188,8 +199,8 @@ pub async fn scan(conn: &mut PgConnection, batch_size: i64) -> store::Result<usi
     }
     // After the requests: a removal is terminal, whatever came before it in the batch.
     enrichment::cancel(&mut tx, &removed).await?;
-    store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, from, last.position).await?;
-    tx.commit().await?;
+    checkpoints::advance(&mut tx, CHECKPOINT, from, last.position).await?;
+    store::commit(tx).await?;
     Ok(events.len())
 }
 
@@ -299,7 +310,7 @@ async fn fetch_one(
             return Ok(Outcome::Failed);
         }
     };
-    let mut tx = conn.begin().await?;
+    let mut tx = store::begin(conn).await?;
     let appended = store::log::append_fetched_in(
         &mut tx,
         &[Delivery::new(&body, None, &envelope)],
@@ -308,7 +319,7 @@ async fn fetch_one(
     )
     .await?;
     enrichment::complete(&mut tx, request, config.window).await?;
-    tx.commit().await?;
+    store::commit(tx).await?;
     let outcome = if answer.is_ok_and(|r| r.is_some()) {
         "fetched"
     } else {

@@ -1,10 +1,11 @@
 //! The projector: folds the event log into account snapshots, one batch at a time.
 //!
 //! # Layout
-//! - [`run`]: the long-running loop. It stands by until it holds the leader lock, then catches up
+//! - [`run`]: the long-running loop. It stands by ([`store::leader::run_as_leader`]) until it holds
+//!   the leader lock, then catches up
 //!   from the checkpoint, and waits for an append notification (or the poll interval) to go again.
 //! - [`run_batch`]: one step: read up to `batch_size` events after the checkpoint, fold them with
-//!   [`domain::apply`], write each changed snapshot once and the new checkpoint in one transaction.
+//!   [`domain::step`], write each changed snapshot once and the new checkpoint in one transaction.
 //! - [`rebuild`]: refolding every snapshot from position 0 into a shadow table and swapping it in,
 //!   and verifying the live snapshots against a fresh fold, both in constant memory.
 //!
@@ -22,11 +23,13 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use domain::{AccountSnapshot, EventKind};
-use sqlx::{Connection, PgConnection};
-use store::PgPool;
+use store::checkpoints::{self, PROJECTION as CHECKPOINT};
+use store::leader::run_as_leader;
+use store::locks::Lock;
 use store::log::{AppendNotifications, StoredEvent};
 use store::quarantine::{Refusal, RefusedBy};
-use store::snapshots::{CHECKPOINT, Table};
+use store::snapshots::Table;
+use store::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -90,20 +93,29 @@ async fn lead(
     config: &ProjectorConfig,
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
-    // A connection of its own: the leader lock lives exactly as long as this session.
-    let mut conn = pool.acquire().await?.detach();
-    let mut announced = false;
-    while !store::snapshots::try_lock_leader(&mut conn).await? {
-        if !announced {
-            metrics::gauge!("projector_leader").set(0.0);
-            tracing::info!("another projector is leading; standing by");
-            announced = true;
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(config.retry_interval) => {}
-        }
-    }
+    let standing_by = || {
+        metrics::gauge!("projector_leader").set(0.0);
+        tracing::info!("another projector is leading; standing by");
+    };
+    let lead = |conn| follow_the_log(conn, pool, config, shutdown);
+    run_as_leader(
+        pool,
+        Lock::Leader,
+        config.retry_interval,
+        shutdown,
+        standing_by,
+        lead,
+    )
+    .await
+}
+
+/// Folds the log as the leader, on the session that holds the leader lock, until `shutdown`.
+async fn follow_the_log(
+    mut conn: PgConnection,
+    pool: &PgPool,
+    config: &ProjectorConfig,
+    shutdown: &CancellationToken,
+) -> store::Result<()> {
     tracing::info!("projector is the leader");
     metrics::gauge!("projector_leader").set(1.0);
     let _not_leader = NotLeaderOnDrop;
@@ -111,7 +123,7 @@ async fn lead(
     loop {
         loop {
             if shutdown.is_cancelled() {
-                store::snapshots::unlock_leader(&mut conn).await?;
+                store::locks::unlock(&mut conn, Lock::Leader).await?;
                 return Ok(());
             }
             let outcome = run_batch(&mut conn, config.batch_size).await?;
@@ -189,18 +201,12 @@ impl From<store::Error> for Attempt {
     }
 }
 
-impl From<sqlx::Error> for Attempt {
-    fn from(error: sqlx::Error) -> Self {
-        Self::Failed(error.into())
-    }
-}
-
 async fn try_batch(conn: &mut PgConnection, batch_size: i64) -> Result<BatchOutcome, Attempt> {
-    let mut tx = conn.begin().await?;
-    let checkpoint = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
+    let mut tx = store::begin(conn).await?;
+    let checkpoint = checkpoints::lock(&mut tx, CHECKPOINT).await?;
     let events = store::log::read_after(&mut tx, checkpoint, batch_size).await?;
     let Some(last) = events.last().map(|e| e.position) else {
-        tx.rollback().await?;
+        store::rollback(tx).await?;
         return Ok(BatchOutcome {
             checkpoint,
             ..BatchOutcome::default()
@@ -217,8 +223,8 @@ async fn try_batch(conn: &mut PgConnection, batch_size: i64) -> Result<BatchOutc
         }
         Err(error) => return Err(error.into()),
     };
-    store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, last).await?;
-    tx.commit().await?;
+    checkpoints::advance(&mut tx, CHECKPOINT, checkpoint, last).await?;
+    store::commit(tx).await?;
     let newest = events
         .last()
         .map(|e| e.received_at)
@@ -246,12 +252,12 @@ async fn quarantine_alone(
     let reason = error.reason();
     tracing::warn!(position = event.position, account = ?event.account_id, event = %event.event,
         %reason, "event quarantined: the database refused its snapshot");
-    let mut tx = conn.begin().await?;
-    let checkpoint = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
+    let mut tx = store::begin(conn).await?;
+    let checkpoint = checkpoints::lock(&mut tx, CHECKPOINT).await?;
     let refusal = Refusal::by_store(event, error);
     store::quarantine::record(&mut tx, std::slice::from_ref(&refusal)).await?;
-    store::snapshots::advance_checkpoint(&mut tx, CHECKPOINT, checkpoint, event.position).await?;
-    tx.commit().await?;
+    checkpoints::advance(&mut tx, CHECKPOINT, checkpoint, event.position).await?;
+    store::commit(tx).await?;
     metrics::counter!("quarantined_events_total").increment(1);
     Ok(BatchOutcome {
         events: 1,
@@ -271,7 +277,7 @@ pub(crate) async fn fold_into(
 ) -> store::Result<(usize, usize)> {
     let folded = events
         .iter()
-        .filter(|e| EventKind::of(&e.event).is_account_event());
+        .filter(|e| EventKind::of(&e.event).is_folded());
     let accounts: Vec<Uuid> = folded
         .clone()
         .filter_map(|e| e.account_id)

@@ -16,11 +16,11 @@
 //!   order, and reports every account whose snapshot differs, is missing, or should not exist.
 
 use futures_util::TryStreamExt;
-use sqlx::Connection;
 use store::PgPool;
+use store::checkpoints::PROJECTION as CHECKPOINT;
 use store::log::StoredEvent;
 use store::quarantine::Refusal;
-use store::snapshots::{CHECKPOINT, Table};
+use store::snapshots::Table;
 use uuid::Uuid;
 
 use crate::{fold_into, fold_stored};
@@ -52,12 +52,6 @@ pub enum RebuildError {
     Busy,
     #[error(transparent)]
     Store(#[from] store::Error),
-}
-
-impl From<sqlx::Error> for RebuildError {
-    fn from(error: sqlx::Error) -> Self {
-        Self::Store(error.into())
-    }
 }
 
 /// What a rebuild did.
@@ -127,13 +121,13 @@ pub async fn rebuild_all(
 ) -> Result<RebuildReport, RebuildError> {
     // Held for the whole rebuild: a second rebuild would share the shadow table.
     let mut guard = pool.acquire().await.map_err(store::Error::from)?.detach();
-    if !store::snapshots::try_lock_rebuild(&mut guard).await? {
+    if !store::locks::try_lock(&mut guard, store::locks::Lock::Rebuild).await? {
         return Err(RebuildError::Busy);
     }
-    let mut writer = pool.acquire().await?;
+    let mut writer = store::acquire(pool).await?;
     store::snapshots::clear(&mut writer, Table::Rebuild).await?;
 
-    let mut reader = pool.acquire().await?;
+    let mut reader = store::acquire(pool).await?;
     let mut read = store::begin_consistent_read(&mut reader).await?;
     let head = store::log::head(&mut read).await?;
     let total = store::log::count_account_events(&mut read, head, None).await?;
@@ -163,12 +157,12 @@ pub async fn rebuild_all(
         buffer.extend(folder.finish());
         save_rebuilt(&mut writer, &mut buffer, head).await?;
     }
-    read.commit().await?;
+    store::commit(read).await?;
     progress.finish();
 
     // The swap: holding the checkpoint row pauses the live projector between batches.
-    let mut swap = writer.begin().await?;
-    let checkpoint = store::snapshots::lock_checkpoint(&mut swap, CHECKPOINT).await?;
+    let mut swap = store::begin(&mut writer).await?;
+    let checkpoint = store::checkpoints::lock(&mut swap, CHECKPOINT).await?;
     let mut folded_to = head;
     while folded_to < checkpoint {
         // Positions are dense, so this reads exactly the events up to the live checkpoint.
@@ -185,11 +179,10 @@ pub async fn rebuild_all(
     let accounts = store::snapshots::replace_live_with_rebuild(&mut swap).await?;
     let new_checkpoint = checkpoint.max(head);
     if new_checkpoint != checkpoint {
-        store::snapshots::advance_checkpoint(&mut swap, CHECKPOINT, checkpoint, new_checkpoint)
-            .await?;
+        store::checkpoints::advance(&mut swap, CHECKPOINT, checkpoint, new_checkpoint).await?;
     }
-    swap.commit().await?;
-    let _ = store::snapshots::unlock_rebuild(&mut guard).await;
+    store::commit(swap).await?;
+    let _ = store::locks::unlock(&mut guard, store::locks::Lock::Rebuild).await;
     tracing::info!(
         events,
         accounts,
@@ -269,9 +262,9 @@ async fn refold_alone(
 /// Refolds one account's snapshot from its events up to the live checkpoint, in the live table.
 #[tracing::instrument(skip(pool))]
 pub async fn rebuild_account(pool: &PgPool, account: Uuid) -> Result<RebuildReport, RebuildError> {
-    let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin().await?;
-    let checkpoint = store::snapshots::lock_checkpoint(&mut tx, CHECKPOINT).await?;
+    let mut conn = store::acquire(pool).await?;
+    let mut tx = store::begin(&mut conn).await?;
+    let checkpoint = store::checkpoints::lock(&mut tx, CHECKPOINT).await?;
     let mut events = 0u64;
     let snapshot = {
         let mut stream = store::log::account_events_by_account(&mut tx, checkpoint, Some(account));
@@ -295,7 +288,7 @@ pub async fn rebuild_account(pool: &PgPool, account: Uuid) -> Result<RebuildRepo
             0
         }
     };
-    tx.commit().await?;
+    store::commit(tx).await?;
     Ok(RebuildReport {
         events,
         accounts,
@@ -311,12 +304,12 @@ pub async fn verify(
     account: Option<Uuid>,
     progress: &dyn Progress,
 ) -> Result<Vec<Difference>, RebuildError> {
-    let mut events_conn = pool.acquire().await?;
-    let mut snapshots_conn = pool.acquire().await?;
+    let mut events_conn = store::acquire(pool).await?;
+    let mut snapshots_conn = store::acquire(pool).await?;
     let mut events_tx = store::begin_consistent_read(&mut events_conn).await?;
     let snapshot_id = store::export_snapshot(&mut events_tx).await?;
     let mut snapshots_tx = store::begin_shared_read(&mut snapshots_conn, &snapshot_id).await?;
-    let checkpoint = store::snapshots::checkpoint(&mut events_tx, CHECKPOINT).await?;
+    let checkpoint = store::checkpoints::get(&mut events_tx, CHECKPOINT).await?;
     let total = store::log::count_account_events(&mut events_tx, checkpoint, account).await?;
     progress.start(total as u64);
 

@@ -8,12 +8,6 @@ use uuid::Uuid;
 
 use crate::{PgConnection, Result};
 
-/// Name of the enricher's row in `projector_checkpoints`.
-pub const CHECKPOINT: &str = "enricher";
-
-/// Session advisory lock held by the one enricher that fetches (others stand by).
-pub const LOCK: i64 = 0x4150_454e_5243; // "APENRC"
-
 /// A fetch asked for: the account, its user, and the newest event asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
 pub struct Request {
@@ -115,11 +109,6 @@ pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<DateTime<Ut
     )
     .fetch_one(conn)
     .await?)
-}
-
-/// Tries to become the fetching enricher; the lock lives as long as this session.
-pub async fn try_lock(conn: &mut PgConnection) -> Result<bool> {
-    crate::try_session_lock(conn, LOCK).await
 }
 
 /// Drops the pending fetches of accounts Argyle removed: their data is gone, a fetch would 404.

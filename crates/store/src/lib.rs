@@ -3,12 +3,18 @@
 //! # Layout
 //! - [`migrate`]: creates the database if missing and applies the refinery migrations in `migrations/`.
 //! - [`log`]: the append-only event log: [`log::append`], [`log::read_after`], dedup of redeliveries.
-//! - [`snapshots`]: loading and saving account snapshots, the projector checkpoint, the leader lock.
+//! - [`snapshots`]: loading and saving account snapshots (live and the rebuild's shadow).
+//! - [`checkpoints`]: how far each reader of the log has got, moved with compare-and-set.
+//! - [`locks`]: every advisory lock by name; [`leader`]: [`leader::run_as_leader`], the standby
+//!   loop of every single-writer role.
+//! - [`quarantine`]: events the fold or the store refused; [`enrichment`]: the enricher's queue.
 //! - [`kept`]: connections kept between short requests, without the pool's ping on every return.
+//! - [`begin`], [`begin_consistent_read`], [`begin_shared_read`]: transactions by name, so no
+//!   other crate needs sqlx.
 //!
 //! # Why a reader of `position > checkpoint` never skips an event
 //! Every append runs in a transaction that first takes one transaction-level advisory lock
-//! ([`log::APPEND_LOCK`]) and only then computes its position as the current head plus one. The lock is
+//! ([`locks::APPEND_LOCK`]) and only then computes its position as the current head plus one. The lock is
 //! held until the transaction ends, and Postgres makes a committed transaction visible to other
 //! snapshots (ProcArrayEndTransaction) *before* it releases the transaction's locks. So the append that
 //! gets position `n + 1` cannot even start choosing its position until the append of `n` is visible,
@@ -27,8 +33,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod checkpoints;
 pub mod enrichment;
 pub mod kept;
+pub mod leader;
+pub mod locks;
 pub mod log;
 pub mod migrate;
 pub mod quarantine;
@@ -37,27 +46,11 @@ pub mod snapshots;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::postgres::{PgPoolOptions, PgSslMode};
 
+pub use sqlx::pool::PoolConnection;
+pub use sqlx::postgres::PgConnectOptions;
 pub use sqlx::{PgConnection, PgPool, Postgres, Transaction};
-
-/// Tries to take the session advisory lock `key` (leader, rebuild, enricher): true if this session
-/// now holds it. It lives as long as the session, or until [`unlock_session`].
-pub async fn try_session_lock(conn: &mut PgConnection, key: i64) -> Result<bool> {
-    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(key)
-        .fetch_one(conn)
-        .await?)
-}
-
-/// Releases the session advisory lock `key` held by this session.
-pub async fn unlock_session(conn: &mut PgConnection, key: i64) -> Result<()> {
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(key)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +204,23 @@ pub(crate) async fn usable_after(conn: &mut PgConnection, idle: Duration) -> boo
     idle <= IDLE_BEFORE_PING || sqlx::Connection::ping(conn).await.is_ok()
 }
 
+/// A connection from the pool (back to it when dropped).
+pub async fn acquire(pool: &PgPool) -> Result<PoolConnection<Postgres>> {
+    Ok(pool.acquire().await?)
+}
+
+/// Closes a connection cleanly (a `Terminate` message rather than a dropped socket).
+pub async fn close(conn: PgConnection) -> Result<()> {
+    use sqlx::Connection;
+    Ok(conn.close().await?)
+}
+
+/// One connection of its own, outside any pool.
+pub async fn connect(options: &PgConnectOptions) -> Result<PgConnection> {
+    use sqlx::Connection;
+    Ok(PgConnection::connect_with(options).await?)
+}
+
 /// Parses a database URL into connect options, with libpq's TLS parameters: `sslmode`
 /// (`disable`, `prefer` (the default), `require`, `verify-ca`, `verify-full`) and `sslrootcert`,
 /// also from `PGSSLMODE` and `PGSSLROOTCERT`.
@@ -330,6 +340,22 @@ pub enum NotReady {
     Unavailable,
     #[error("database migrations are pending")]
     MigrationsPending,
+}
+
+/// Starts a read-write transaction on `conn`.
+pub async fn begin(conn: &mut PgConnection) -> Result<Transaction<'_, Postgres>> {
+    use sqlx::Connection;
+    Ok(conn.begin().await?)
+}
+
+/// Commits a transaction begun by [`begin`] (or a read one).
+pub async fn commit(tx: Transaction<'_, Postgres>) -> Result<()> {
+    Ok(tx.commit().await?)
+}
+
+/// Rolls a transaction back.
+pub async fn rollback(tx: Transaction<'_, Postgres>) -> Result<()> {
+    Ok(tx.rollback().await?)
 }
 
 /// Starts a read-only transaction that sees one consistent snapshot of the database throughout.

@@ -10,10 +10,6 @@ use uuid::Uuid;
 
 use crate::Result;
 
-/// Transaction-level advisory lock every append takes first; see the crate docs for why it makes
-/// the log gap-safe.
-pub const APPEND_LOCK: i64 = 0x4150_4c4f_4721; // "APLOG!"
-
 /// A delivery about to be appended: the raw body, its signature header, and what its envelope says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -61,7 +57,7 @@ pub async fn append(
 /// Appends webhook deliveries, in order, inside the caller's transaction (or as one transaction if
 /// the connection has none); durable once that commits. One answer per delivery, in order.
 ///
-/// Takes [`APPEND_LOCK`] until the transaction ends. A body identical (sha256) to an event received
+/// Takes [`crate::locks::APPEND_LOCK`] until the transaction ends. A body identical (sha256) to an event received
 /// less than `dedup_window` ago, earlier deliveries of the same call included, is recorded as
 /// another delivery of that event, not as a new one.
 #[tracing::instrument(skip_all, fields(deliveries = deliveries.len()))]
@@ -374,7 +370,7 @@ pub fn account_history(
         .boxed()
 }
 
-/// The events the fold reads ([`domain::EventKind::is_account_event`]): every `accounts.*` event
+/// The events the fold reads ([`domain::EventKind::is_folded`]): every `accounts.*` event
 /// and the enricher's [`domain::ACCOUNT_FETCHED`], bound as `$3`.
 const FOLDED: &str = "account_id IS NOT NULL AND (event LIKE 'accounts.%' OR event = $3)";
 

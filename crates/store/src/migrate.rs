@@ -20,7 +20,7 @@ mod embedded {
     refinery::embed_migrations!("../../migrations");
 }
 
-const MIGRATION_LOCK: i64 = 0x4150_4d49_4752; // "APMIGR"
+use crate::locks::MIGRATION_LOCK;
 
 /// What a migration run did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +59,15 @@ pub fn latest_version() -> i64 {
         .map(|m| i64::from(m.version()))
         .max()
         .unwrap_or(0)
+}
+
+/// Every migration this build embeds: version, name and refinery's checksum of its text.
+pub fn embedded() -> Vec<(i64, String, u64)> {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| (i64::from(m.version()), m.name().to_owned(), m.checksum()))
+        .collect()
 }
 
 /// Where the schema of the connected database stands.
@@ -243,4 +252,58 @@ pub async fn server_version(pool: &sqlx::PgPool) -> Result<String> {
     Ok(sqlx::query_scalar("SELECT version()")
         .fetch_one(pool)
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every released migration, as released: refinery refuses to run against a database whose
+    /// history holds another checksum for a version, so an edited migration breaks every
+    /// installation that applied it. A new migration is added here when it is released.
+    const RELEASED: &[(i64, &str, u64)] = &[
+        (1, "event_log", 17066047477061155122),
+        (2, "account_snapshots", 9179101105360664884),
+        (3, "rebuild_shadow", 10866768284726789681),
+        (4, "quarantine", 15883362656420890062),
+        (5, "append_function", 13395349225843169688),
+        (6, "checkpoint_notify", 16628791849746380382),
+        (7, "enrichment", 18135844679830080984),
+        (8, "snapshot_fillfactor", 10078749140494183139),
+        (9, "one_copy_of_each_body", 14559864144395219316),
+        (10, "append_with_one_plan", 15092258761288364591),
+        (
+            11,
+            "lossless_resources_and_store_refusals",
+            96482408921096424,
+        ),
+        (12, "least_privilege", 4285268529020328666),
+    ];
+
+    #[test]
+    fn released_migrations_are_never_edited() {
+        let embedded = super::embedded();
+        let mut checked = 0;
+        for &(version, name, checksum) in RELEASED {
+            let Some((_, found_name, found)) = embedded.iter().find(|(v, _, _)| *v == version)
+            else {
+                panic!("migration V{version}__{name} was released and is gone: put it back");
+            };
+            assert_eq!(
+                (found_name.as_str(), *found),
+                (name, checksum),
+                "migration V{version}__{name} was changed after its release; released migrations \
+                 are never edited: add a new migration (V{}) instead",
+                embedded.iter().map(|(v, _, _)| v).max().unwrap_or(&0) + 1
+            );
+            checked += 1;
+        }
+        for (version, name, checksum) in &embedded {
+            assert!(
+                RELEASED.iter().any(|(v, _, _)| v == version),
+                "migration V{version}__{name} is not pinned: add ({version}, \"{name}\", {checksum}) \
+                 to RELEASED in crates/store/src/migrate.rs when it is released"
+            );
+        }
+        assert_eq!(checked, RELEASED.len());
+        assert_eq!(embedded.len(), RELEASED.len());
+    }
 }

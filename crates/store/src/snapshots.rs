@@ -1,4 +1,4 @@
-//! Account snapshots, the projector's checkpoint and its leader lock.
+//! Account snapshots: the live table the API serves and the rebuild's shadow.
 
 use chrono::{DateTime, Utc};
 use domain::{AccountSnapshot, AccountStatus, Resource};
@@ -6,16 +6,7 @@ use futures_util::stream::{BoxStream, StreamExt};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{Error, Result};
-
-/// Name of the account-snapshot projection's row in `projector_checkpoints`.
-pub const CHECKPOINT: &str = "account_snapshots";
-
-/// Session-level advisory lock held by the one projector allowed to write snapshots.
-pub const LEADER_LOCK: i64 = 0x4150_4c45_4144; // "APLEAD"
-
-/// Session-level advisory lock held by a running rebuild, so two cannot share the shadow table.
-pub const REBUILD_LOCK: i64 = 0x4150_5245_4244; // "APREBD"
+use crate::Result;
 
 /// Where snapshots are read and written: the live table the API serves, or the rebuild's shadow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,11 +189,6 @@ pub async fn replace_live_with_rebuild(conn: &mut PgConnection) -> Result<u64> {
     Ok(copied)
 }
 
-/// Tries to become the one running rebuild; the lock lives as long as this session.
-pub async fn try_lock_rebuild(conn: &mut PgConnection) -> Result<bool> {
-    crate::try_session_lock(conn, REBUILD_LOCK).await
-}
-
 /// Inserts or replaces snapshots, all in one statement.
 #[tracing::instrument(skip_all, fields(snapshots = snapshots.len()))]
 pub async fn save(
@@ -269,109 +255,9 @@ pub async fn save(
     Ok(())
 }
 
-/// The checkpoint of a projection, locked until the end of the caller's transaction.
-pub async fn lock_checkpoint(conn: &mut PgConnection, name: &str) -> Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE name = $1 FOR UPDATE")
-            .bind(name)
-            .fetch_one(conn)
-            .await?,
-    )
-}
-
-/// The checkpoint of a projection.
-pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE name = $1")
-            .bind(name)
-            .fetch_one(conn)
-            .await?,
-    )
-}
-
-/// Moves a checkpoint from `from` to `to`; fails with [`Error::Fenced`] if it was not at `from`.
-pub async fn advance_checkpoint(
-    conn: &mut PgConnection,
-    name: &str,
-    from: i64,
-    to: i64,
-) -> Result<()> {
-    let moved = sqlx::query(
-        "UPDATE projector_checkpoints SET position = $3 WHERE name = $1 AND position = $2",
-    )
-    .bind(name)
-    .bind(from)
-    .bind(to)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    if moved == 1 {
-        Ok(())
-    } else {
-        Err(Error::Fenced {
-            name: name.to_owned(),
-            expected: from,
-        })
-    }
-}
-
-/// Tries to become the writing projector; the lock lives as long as this session.
-pub async fn try_lock_leader(conn: &mut PgConnection) -> Result<bool> {
-    crate::try_session_lock(conn, LEADER_LOCK).await
-}
-
-/// Gives up leadership held by this session.
-pub async fn unlock_leader(conn: &mut PgConnection) -> Result<()> {
-    crate::unlock_session(conn, LEADER_LOCK).await
-}
-
-/// Releases the rebuild lock held by this session.
-pub async fn unlock_rebuild(conn: &mut PgConnection) -> Result<()> {
-    crate::unlock_session(conn, REBUILD_LOCK).await
-}
-
-/// Tells when a projection's checkpoint advances (LISTEN `checkpoint_advanced`, sent by a trigger
-/// when the batch commits).
-pub struct CheckpointNotifications(sqlx::postgres::PgListener);
-
-impl CheckpointNotifications {
-    pub async fn subscribe(pool: &sqlx::PgPool) -> Result<Self> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
-        listener.listen("checkpoint_advanced").await?;
-        Ok(Self(listener))
-    }
-
-    /// Waits for the next advance; returns the projection's name and its new checkpoint.
-    pub async fn next(&mut self) -> Result<(String, i64)> {
-        loop {
-            let notification = self.0.recv().await?;
-            if let Some((name, position)) = notification.payload().rsplit_once(' ')
-                && let Ok(position) = position.parse()
-            {
-                return Ok((name.to_owned(), position));
-            }
-        }
-    }
-}
-
 /// How many live snapshots there are.
 pub async fn count(conn: &mut PgConnection) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM account_snapshots")
         .fetch_one(conn)
         .await?)
-}
-
-/// The session holding the leader lock in this database, if any: its `application_name`, client
-/// address and backend pid.
-pub async fn leader(conn: &mut PgConnection) -> Result<Option<(String, Option<String>, i32)>> {
-    Ok(sqlx::query_as(
-        "SELECT a.application_name, host(a.client_addr), a.pid
-           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-          WHERE l.locktype = 'advisory' AND l.granted
-            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-            AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
-    )
-    .bind(LEADER_LOCK)
-    .fetch_optional(conn)
-    .await?)
 }
