@@ -902,7 +902,7 @@ async fn a_removal_cancels_a_pending_fetch() {
     let app = spawn_app_with(enricher_settings(&database_url, &server, 50.0).await).await;
     poll_until("both events are scanned", || async {
         let mut conn = app.pool.acquire().await.unwrap();
-        store::snapshots::checkpoint(&mut conn, store::enrichment::CHECKPOINT)
+        store::checkpoints::get(&mut conn, store::checkpoints::ENRICHER)
             .await
             .unwrap()
             == 2

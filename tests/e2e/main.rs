@@ -8,10 +8,12 @@ mod argyle;
 mod audit;
 mod concurrency;
 mod crash;
-mod helpers;
 mod hostile;
 mod ingest;
 mod never_stall;
 mod projection;
 mod reliability;
 mod security;
+
+/// The shared harness (`crates/test-support`), as `crate::helpers`.
+use test_support as helpers;

@@ -253,3 +253,60 @@ async fn the_projector_wakes_on_notification_without_waiting_for_its_poll() {
     assert_eq!(app.account_view(ACCOUNT).await["version"], 1);
     app.stop().await;
 }
+
+/// The store's SQL filter of folded events (rebuild and verify read through it) and the Rust rule
+/// the projector applies (`EventKind::is_folded`) pick the same events, name by name.
+#[tokio::test]
+async fn the_sql_filter_of_folded_events_is_the_rust_rule() {
+    use futures_util::TryStreamExt;
+    let pool = sqlx::PgPool::connect(&migrated_database().await)
+        .await
+        .unwrap();
+    let names = [
+        "accounts.added",
+        "accounts.connected",
+        "accounts.failed",
+        "accounts.updated",
+        "accounts.removed",
+        "accounts.some_future_event",
+        "accounts.",
+        domain::ACCOUNT_FETCHED,
+        domain::ACCOUNT_NOT_FOUND,
+        "paystubs.added",
+        "users.fully_synced",
+        "accounts",
+        "accountsXupdated",
+        "Accounts.updated",
+        "argyle.account_fetched.v2",
+    ];
+    for name in names {
+        let body = serde_json::json!({
+            "event": name,
+            "name": "rule-check",
+            "data": {"account": Uuid::new_v4(), "user": Uuid::new_v4()},
+        });
+        append_direct(&pool, &serde_json::to_vec(&body).unwrap()).await;
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    let head = store::log::head(&mut conn).await.unwrap();
+    let by_sql: Vec<String> = store::log::account_events_by_account(&mut conn, head, None)
+        .map_ok(|stored| stored.event)
+        .try_collect()
+        .await
+        .unwrap();
+    let mut by_sql = by_sql;
+    by_sql.sort();
+    let mut by_rust: Vec<String> = names
+        .iter()
+        .filter(|name| domain::EventKind::of(name).is_folded())
+        .map(|name| (*name).to_owned())
+        .collect();
+    by_rust.sort();
+    assert_eq!(by_sql, by_rust);
+    assert_eq!(
+        by_rust.len(),
+        8,
+        "both kinds of name are among the {} cases",
+        names.len()
+    );
+}

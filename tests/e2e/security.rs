@@ -414,7 +414,7 @@ async fn every_role_and_command_runs_as_the_service_role_which_cannot_write_the_
             .fetch_one(&service)
             .await
             .unwrap();
-    assert!(definition.contains(&store::log::APPEND_LOCK.to_string()));
+    assert!(definition.contains(&store::locks::APPEND_LOCK.to_string()));
     let superuser: bool = sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = $1")
         .bind(SERVICE)
         .fetch_one(&service)

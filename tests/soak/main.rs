@@ -5,10 +5,6 @@
 //!
 //! `SOAK_DELIVERIES` sets the number of deliveries (default 100,000); `SOAK_SEED` the seed.
 
-#[path = "../e2e/helpers.rs"]
-#[allow(dead_code)]
-mod helpers;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,7 +15,7 @@ use loadgen::{Delivery, Workload, generate};
 use serde_json::Value;
 use uuid::Uuid;
 
-use helpers::*;
+use test_support::*;
 
 /// The expected snapshot facts of one account, folded from its acknowledged events in log order.
 /// Written from the contract, independently of the service's fold.

@@ -1,11 +1,14 @@
-//! account-projector: composes the ingest, projector and api adapters into one service by role.
+//! account-projector: composes the ingest, projector, api and enricher adapters into one service
+//! by role.
 //!
 //! # Layout
-//! - [`Settings`]: everything the service is configured with (the CLI in `main.rs` fills it from
-//!   flags and environment variables).
-//! - [`Application`]: binds the listener, runs migrations, and runs the chosen roles until a
-//!   shutdown token fires. Tests build one on port 0 against a database of their own.
+//! - [`Settings`]: everything the service is configured with, and the one place its defaults are
+//!   written (the binary's `cli.rs` reads them for its flags; `commands/` runs each subcommand).
+//! - [`Application`]: validates the settings, migrates if asked, builds the router of the role,
+//!   binds the listener, and runs the chosen roles until a shutdown token fires. Tests build one
+//!   on port 0 against a database of their own.
 //! - [`export`]: the NDJSON audit export; [`progress`]: progress bars and lines for long work.
+//! - [`secret`]: secret values whose `Debug` hides them, and secrets read from a file or stdin.
 //! - [`supervisor`]: the background tasks of the roles, supervised crash-only.
 //! - [`telemetry`]: tracing setup (`RUST_LOG`, `LOG_FORMAT`), Prometheus metrics.
 //! - [`openapi`]: `/openapi.json`; [`webhooks`]: the `webhooks create|list|delete` commands.
@@ -24,10 +27,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::Router;
-use axum::extract::Request;
-use axum::http::StatusCode;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
 use enricher::EnricherConfig;
 use futures_util::future::BoxFuture;
 use ingest::{IngestState, Secrets};
@@ -36,9 +35,6 @@ use store::{DbOptions, PgPool};
 use supervisor::{Faults, Supervisor};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 /// Which parts of the service this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -199,8 +195,8 @@ pub struct Application {
     projector: Option<ProjectorConfig>,
     enricher: Option<(argyle::Client, EnricherConfig)>,
     /// The loops behind the routes (the committer, the shared reader), run supervised.
-    loops: Vec<(&'static str, BoxFuture<'static, ()>)>,
-    readiness: api::Readiness,
+    loops: Loops,
+    readiness: web::Readiness,
     faults: Faults,
     limits: ConnectionLimits,
 }
@@ -213,163 +209,38 @@ struct ConnectionLimits {
 }
 
 impl Application {
-    /// Checks the settings, migrates if asked, and binds the listener.
+    /// Checks the settings, migrates if asked, builds the router of the role, and binds the
+    /// listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let role = settings.role;
-        if settings.webhook_secrets.iter().any(|s| s.trim().is_empty()) {
-            bail!("ARGYLE_WEBHOOK_SECRETS has an empty entry");
-        }
-        if settings.api_tokens.iter().any(|t| t.trim().is_empty()) {
-            bail!("API_TOKENS has an empty entry");
-        }
-        let secrets = Secrets::new(settings.webhook_secrets.iter().map(|s| s.trim()));
-        if role.ingests() && secrets.is_empty() && !settings.allow_unsigned_webhooks {
-            bail!(
-                "ingest needs ARGYLE_WEBHOOK_SECRETS; set ALLOW_UNSIGNED_WEBHOOKS=true to accept unsigned webhooks"
-            );
-        }
-        if role.ingests() && secrets.is_empty() {
-            tracing::warn!("ALLOW_UNSIGNED_WEBHOOKS=true: webhook signatures are not checked");
-        }
-        if let Some(short) = settings
-            .api_tokens
-            .iter()
-            .map(|t| t.trim().chars().count())
-            .find(|&n| n < MIN_TOKEN_CHARS)
-        {
-            bail!(
-                "API_TOKENS has a token of {short} characters; each needs at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 32`)"
-            );
-        }
-        if role.serves_api() && settings.api_tokens.is_empty() {
-            if !settings.allow_open_api {
-                bail!(
-                    "the query API needs API_TOKENS (comma-separated bearer tokens); set ALLOW_OPEN_API=true to serve /v1 without a token"
-                );
-            }
-            tracing::warn!(
-                "ALLOW_OPEN_API=true and no API_TOKENS: /v1 is open to anyone who can reach {}",
-                settings.listen_addr
-            );
-        }
-        let enricher = match (role.enriches(), &settings.argyle) {
-            (true, Some(api)) => {
-                // Few quick retries per fetch; the enricher itself retries later, durably.
-                let client = api.client()?.with_retry(argyle::Retry {
-                    attempts: 3,
-                    first_backoff: Duration::from_millis(500),
-                    max_backoff: Duration::from_secs(5),
-                });
-                Some((client, settings.enricher.clone()))
-            }
-            (true, None) if role == Role::Enricher => bail!(
-                "the enricher needs ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET to fetch accounts"
-            ),
-            (true, None) => {
-                tracing::info!(
-                    "ARGYLE_API_KEY_ID is not set: resource-less webhooks are not enriched"
-                );
-                None
-            }
-            (false, _) => None,
-        };
+        let checked = validate(&settings)?;
         if settings.migrate {
-            // A current schema is left alone, so the service role (which cannot migrate) starts
-            // with migrations on; pending migrations it cannot apply stop it with a sentence
-            // that says so.
-            let report = store::migrate::migrate(&settings.database_url)
-                .await
-                .context("could not migrate the database")?;
-            if report.applied.is_empty() {
-                tracing::info!(
-                    version = report.version,
-                    "the database schema is current; nothing to migrate"
-                );
-            } else {
-                tracing::info!(
-                    created_database = report.created_database,
-                    applied = report.applied.len(),
-                    version = report.version,
-                    "database is migrated"
-                );
-            }
+            migrate(&settings.database_url).await?;
         }
         let mut db = settings.db.clone();
-        db.application_name = format!("account-projector {role:?}").to_lowercase();
+        db.application_name = format!("account-projector {:?}", settings.role).to_lowercase();
         let pool = store::pool(&settings.database_url, &db)?;
         let listener = TcpListener::bind(&settings.listen_addr)
             .await
             .with_context(|| format!("could not listen on {}", settings.listen_addr))?;
         telemetry::prometheus();
-        let readiness = api::Readiness::default();
+        let readiness = web::Readiness::default();
         readiness
             .check_database(&pool.connect_options(), &mut None)
             .await;
-        let mut loops: Vec<(&'static str, BoxFuture<'static, ()>)> = vec![];
-        let mut router = api::health_router(readiness.clone())
-            .route("/metrics", axum::routing::get(telemetry::metrics))
-            .route("/openapi.json", axum::routing::get(openapi::openapi_json));
-        if role.ingests() {
-            let (committer, commit_loop) = ingest::Committer::new(
-                pool.clone(),
-                settings.dedup_window,
-                settings.max_commit_batch,
-            );
-            loops.push(("committer", Box::pin(commit_loop)));
-            router = router.merge(ingest::router(IngestState {
-                committer,
-                secrets,
-                max_body_bytes: settings.max_body_bytes,
-                database_timeout: settings.database_timeout,
-            }));
-        }
-        if role.serves_api() {
-            // Up to half of what the committer and the listeners of the projector and the
-            // enricher leave (each holds one for good), so the other roles, `/readyz` and
-            // requests beyond the kept ones always find connections.
-            let kept = store::kept::KeptConnections::new(
-                pool.clone(),
-                (db.max_connections.saturating_sub(3) / 2) as usize,
-            );
-            let (snapshots, read_loop) =
-                api::reader::SnapshotReader::new(kept.clone(), settings.database_timeout);
-            loops.push(("reader", Box::pin(read_loop)));
-            router = router.merge(api::router(api::ApiState {
-                snapshots,
-                db: kept,
-                tokens: settings
-                    .api_tokens
-                    .iter()
-                    .map(|t| t.trim().to_owned())
-                    .collect(),
-                database_timeout: settings.database_timeout,
-            }));
-        }
-        let timeout = settings.request_timeout;
-        let router = router
-            .fallback(api::problem::not_found)
-            .method_not_allowed_fallback(api::problem::method_not_allowed)
-            .layer(middleware::from_fn(move |request: Request, next: Next| {
-                time_limit(timeout, request, next)
-            }))
-            .layer(request_span())
-            .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
-        let projector = role.projects().then(|| settings.projector.clone());
-        let limits = ConnectionLimits {
-            header_timeout: settings.header_timeout,
-            shutdown_grace: settings.shutdown_grace,
-        };
+        let (router, loops) = router_for_role(&settings, &pool, readiness.clone(), checked.secrets);
         Ok(Self {
             listener,
             router,
             pool,
-            projector,
-            enricher,
+            projector: settings.role.projects().then(|| settings.projector.clone()),
+            enricher: checked.enricher,
             loops,
             readiness,
             faults: Faults::default(),
-            limits,
+            limits: ConnectionLimits {
+                header_timeout: settings.header_timeout,
+                shutdown_grace: settings.shutdown_grace,
+            },
         })
     }
 
@@ -438,49 +309,153 @@ impl Application {
     }
 }
 
-type RequestSpan = TraceLayer<
-    SharedClassifier<ServerErrorsAsFailures>,
-    fn(&Request) -> tracing::Span,
-    (),
-    fn(&Response, Duration, &tracing::Span),
->;
+/// What [`validate`] found: the secrets to check webhooks with, and the enricher's client when
+/// the role enriches.
+struct Checked {
+    secrets: Secrets,
+    enricher: Option<(argyle::Client, EnricherConfig)>,
+}
 
-/// One span per request (request id, method, path; status and latency when it ends; for an accepted
-/// webhook its event, position and whether it was a redelivery), and one `request finished` line.
-/// Only the path is logged: queries and headers may carry secrets.
-fn request_span() -> RequestSpan {
-    fn make_span(request: &Request) -> tracing::Span {
-        let id = request
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        tracing::info_span!(
-            "request",
-            request_id = %id,
-            method = %request.method(),
-            path = %request.uri().path(),
-            status = tracing::field::Empty,
-            latency_ms = tracing::field::Empty,
-            event = tracing::field::Empty,
-            position = tracing::field::Empty,
-            duplicate = tracing::field::Empty,
-        )
+/// Refuses settings the service must not start with, in one sentence; warns about the ones it
+/// may start with only because they were asked for.
+fn validate(settings: &Settings) -> anyhow::Result<Checked> {
+    let role = settings.role;
+    if settings.webhook_secrets.iter().any(|s| s.trim().is_empty()) {
+        bail!("ARGYLE_WEBHOOK_SECRETS has an empty entry");
     }
-    fn on_response(response: &Response, latency: Duration, span: &tracing::Span) {
-        let latency_ms = latency.as_secs_f64() * 1000.0;
-        span.record("status", response.status().as_u16());
-        span.record("latency_ms", latency_ms);
-        tracing::info!(
-            status = response.status().as_u16(),
-            latency_ms,
-            "request finished"
+    if settings.api_tokens.iter().any(|t| t.trim().is_empty()) {
+        bail!("API_TOKENS has an empty entry");
+    }
+    let secrets = Secrets::new(settings.webhook_secrets.iter().map(|s| s.trim()));
+    if role.ingests() && secrets.is_empty() && !settings.allow_unsigned_webhooks {
+        bail!(
+            "ingest needs ARGYLE_WEBHOOK_SECRETS; set ALLOW_UNSIGNED_WEBHOOKS=true to accept unsigned webhooks"
         );
     }
-    TraceLayer::new_for_http()
-        .make_span_with(make_span as fn(&Request) -> tracing::Span)
-        .on_request(())
-        .on_response(on_response as fn(&Response, Duration, &tracing::Span))
+    if role.ingests() && secrets.is_empty() {
+        tracing::warn!("ALLOW_UNSIGNED_WEBHOOKS=true: webhook signatures are not checked");
+    }
+    if let Some(short) = settings
+        .api_tokens
+        .iter()
+        .map(|t| t.trim().chars().count())
+        .find(|&n| n < MIN_TOKEN_CHARS)
+    {
+        bail!(
+            "API_TOKENS has a token of {short} characters; each needs at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 32`)"
+        );
+    }
+    if role.serves_api() && settings.api_tokens.is_empty() {
+        if !settings.allow_open_api {
+            bail!(
+                "the query API needs API_TOKENS (comma-separated bearer tokens); set ALLOW_OPEN_API=true to serve /v1 without a token"
+            );
+        }
+        tracing::warn!(
+            "ALLOW_OPEN_API=true and no API_TOKENS: /v1 is open to anyone who can reach {}",
+            settings.listen_addr
+        );
+    }
+    let enricher = match (role.enriches(), &settings.argyle) {
+        (true, Some(api)) => {
+            // Few quick retries per fetch; the enricher itself retries later, durably.
+            let client = api.client()?.with_retry(argyle::Retry {
+                attempts: 3,
+                first_backoff: Duration::from_millis(500),
+                max_backoff: Duration::from_secs(5),
+            });
+            Some((client, settings.enricher.clone()))
+        }
+        (true, None) if role == Role::Enricher => bail!(
+            "the enricher needs ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET to fetch accounts"
+        ),
+        (true, None) => {
+            tracing::info!("ARGYLE_API_KEY_ID is not set: resource-less webhooks are not enriched");
+            None
+        }
+        (false, _) => None,
+    };
+    Ok(Checked { secrets, enricher })
+}
+
+/// Applies pending migrations. A current schema is left alone, so the service role (which cannot
+/// migrate) starts with migrations on; pending migrations it cannot apply stop it with a sentence
+/// that says so.
+async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    let report = store::migrate::migrate(database_url)
+        .await
+        .context("could not migrate the database")?;
+    if report.applied.is_empty() {
+        tracing::info!(
+            version = report.version,
+            "the database schema is current; nothing to migrate"
+        );
+    } else {
+        tracing::info!(
+            created_database = report.created_database,
+            applied = report.applied.len(),
+            version = report.version,
+            "database is migrated"
+        );
+    }
+    Ok(())
+}
+
+/// The loops behind a router's routes, to run supervised.
+type Loops = Vec<(&'static str, BoxFuture<'static, ()>)>;
+
+/// The routes of the role (health, metrics and the document always; ingest and the query API
+/// when the role has them) with the middleware of every route, and the loops behind them.
+fn router_for_role(
+    settings: &Settings,
+    pool: &PgPool,
+    readiness: web::Readiness,
+    secrets: Secrets,
+) -> (Router, Loops) {
+    let mut loops: Loops = vec![];
+    let mut router = web::health::router(readiness)
+        .route("/metrics", axum::routing::get(telemetry::metrics))
+        .route("/openapi.json", axum::routing::get(openapi::openapi_json));
+    if settings.role.ingests() {
+        let (committer, commit_loop) = ingest::Committer::new(
+            pool.clone(),
+            settings.dedup_window,
+            settings.max_commit_batch,
+        );
+        loops.push(("committer", Box::pin(commit_loop)));
+        router = router.merge(ingest::router(IngestState {
+            committer,
+            secrets,
+            max_body_bytes: settings.max_body_bytes,
+            database_timeout: settings.database_timeout,
+        }));
+    }
+    if settings.role.serves_api() {
+        // Up to half of what the committer and the listeners of the projector and the enricher
+        // leave (each holds one for good), so the other roles, `/readyz` and requests beyond the
+        // kept ones always find connections.
+        let kept = store::kept::KeptConnections::new(
+            pool.clone(),
+            (settings.db.max_connections.saturating_sub(3) / 2) as usize,
+        );
+        let (snapshots, read_loop) =
+            api::reader::SnapshotReader::new(kept.clone(), settings.database_timeout);
+        loops.push(("reader", Box::pin(read_loop)));
+        router = router.merge(api::router(api::ApiState {
+            snapshots,
+            db: kept,
+            tokens: settings
+                .api_tokens
+                .iter()
+                .map(|t| t.trim().to_owned())
+                .collect(),
+            database_timeout: settings.database_timeout,
+        }));
+    }
+    (
+        web::middleware::finish(router, settings.request_timeout),
+        loops,
+    )
 }
 
 /// Accepts connections until `shutdown` fires, then waits (up to the grace period) for the requests
@@ -536,16 +511,4 @@ async fn serve(
         }
     }
     Ok(())
-}
-
-async fn time_limit(limit: Duration, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => api::Problem::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            "the request took too long",
-        )
-        .into_response(),
-    }
 }

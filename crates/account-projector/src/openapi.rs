@@ -24,6 +24,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
     let mut doc = ServiceDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     doc.merge(api::openapi::ApiDoc::openapi());
+    doc.merge(web::HealthDoc::openapi());
     doc.merge(ingest::IngestDoc::openapi());
     doc
 }

@@ -1,4 +1,7 @@
-//! Shared test scaffolding: databases, a running app, signed requests, and a fresh fold of the log.
+//! The test harness shared by `tests/e2e` and `tests/soak`: databases, a running app, signed
+//! requests, the binary as a child process, and a fresh fold of the log.
+
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -92,6 +95,17 @@ pub fn sign_with(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha512>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
+}
+
+/// The `account-projector` binary cargo builds for the package's integration tests, which run
+/// from `target/<profile>/deps/`: it sits one directory up.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable is under target/<profile>/deps");
+    profile_dir.join(format!("account-projector{}", std::env::consts::EXE_SUFFIX))
 }
 
 pub fn fixtures_dir() -> PathBuf {
@@ -286,10 +300,11 @@ where
     .await
 }
 
-/// Every snapshot folded afresh from the whole log with the domain's fold, by account.
+/// Every snapshot folded afresh from the whole log with the domain's fold step, by account (an
+/// event the fold refuses leaves the snapshot as it was).
 pub async fn fresh_fold(pool: &PgPool) -> BTreeMap<Uuid, AccountSnapshot> {
     let mut conn = pool.acquire().await.unwrap();
-    let mut by_account: BTreeMap<Uuid, Vec<domain::LoggedEvent>> = BTreeMap::new();
+    let mut by_account: BTreeMap<Uuid, AccountSnapshot> = BTreeMap::new();
     let mut after = 0;
     loop {
         let page = store::log::read_after(&mut conn, after, 500).await.unwrap();
@@ -297,20 +312,21 @@ pub async fn fresh_fold(pool: &PgPool) -> BTreeMap<Uuid, AccountSnapshot> {
         after = last.position;
         for stored in page {
             if let (true, Some(account)) = (
-                domain::EventKind::of(&stored.event).is_account_event(),
+                domain::EventKind::of(&stored.event).is_folded(),
                 stored.account_id,
             ) {
-                by_account
-                    .entry(account)
-                    .or_default()
-                    .push(stored.to_logged().unwrap());
+                let current = by_account.remove(&account);
+                let next = match domain::step(current.clone(), stored.raw()) {
+                    Ok(next) => next,
+                    Err(_) => current,
+                };
+                if let Some(next) = next {
+                    by_account.insert(account, next);
+                }
             }
         }
     }
     by_account
-        .into_iter()
-        .filter_map(|(id, events)| domain::fold(&events).map(|s| (id, s)))
-        .collect()
 }
 
 /// Every stored snapshot, by account.
@@ -371,7 +387,7 @@ pub fn spawn_binary(
     extra_env: &[(&str, &str)],
 ) -> Child {
     let url = format!("{database_url}?application_name={name}");
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_account-projector"));
+    let mut command = tokio::process::Command::new(binary());
     command
         .args(["serve", "--role", role, "--no-migrate"])
         .env("DATABASE_URL", url)
@@ -396,7 +412,7 @@ pub fn spawn_binary(
 /// The `application_name` of the session holding the projector's leader lock, if any.
 pub async fn leader(pool: &PgPool) -> Option<String> {
     let mut conn = pool.acquire().await.unwrap();
-    store::snapshots::leader(&mut conn)
+    store::locks::holder(&mut conn, store::locks::Lock::Leader)
         .await
         .unwrap()
         .map(|(name, _, _)| name)
@@ -432,7 +448,7 @@ pub async fn run_binary(
     args: &[&str],
     extra_env: &[(&str, &str)],
 ) -> (i32, String, String) {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_account-projector"));
+    let mut command = tokio::process::Command::new(binary());
     command
         .args(args)
         .env("DATABASE_URL", database_url)

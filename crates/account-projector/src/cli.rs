@@ -1,0 +1,388 @@
+//! The command line: every subcommand, flag and environment variable (clap). Defaults come from
+//! [`Settings::new`] and the configurations it holds, never written twice.
+
+use std::path::PathBuf;
+
+use account_projector::secret::{self, DatabaseUrl, Secret};
+use account_projector::telemetry::LogFormat;
+use account_projector::{ArgyleApi, Role, Settings};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use uuid::Uuid;
+
+/// Keeps an exact, auditable view of payroll accounts connected through Argyle: signed webhooks go
+/// into an append-only Postgres event log, and a projector folds it into one snapshot per account.
+#[derive(Parser, Debug)]
+#[command(name = "account-projector", version)]
+pub(crate) struct Cli {
+    /// Postgres connection URL (Postgres 14+). TLS as libpq does it: `?sslmode=` disable, prefer
+    /// (the default), require, verify-ca or verify-full, and `sslrootcert=` a PEM file of root
+    /// certificates. Prefer the environment variable: a flag shows in `ps`.
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@localhost:5432/account_projector",
+        hide_env_values = true,
+        hide_default_value = true,
+        value_parser = |raw: &str| Ok::<_, String>(DatabaseUrl(raw.to_owned()))
+    )]
+    pub(crate) database_url: DatabaseUrl,
+
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    pub(crate) log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Create the database if missing, apply pending migrations, and exit.
+    Migrate,
+    /// Run the service: webhook ingest, projector and query API (or one of them, by --role).
+    Serve(ServeArgs),
+    /// Refold snapshots from the event log and swap them in, while the service keeps running.
+    ///
+    /// With --verify nothing is written: the live snapshots are compared with a fresh fold of the
+    /// log, each difference is printed (account id and differing fields), and the exit status is 1
+    /// if there is any.
+    Rebuild(RebuildArgs),
+    /// Print the state of the log and the projection: head, checkpoint, lag, leader, counts.
+    Status,
+    /// Audit export: every event as one NDJSON line on stdout, in log order, with its raw body,
+    /// sha256, signature header as received, and the signature re-checked now.
+    Export(ExportArgs),
+    /// Manage the Argyle webhook subscription that sends this service its webhooks.
+    Webhooks(WebhooksArgs),
+}
+
+/// Argyle's management API and its key (from the Argyle console: Developers > API keys).
+#[derive(clap::Args, Debug)]
+pub(crate) struct ArgyleArgs {
+    /// Argyle's API base URL: the sandbox by default, https://api.argyle.com/v2 for production.
+    #[arg(long, env = "ARGYLE_API_URL", default_value = argyle::SANDBOX_URL)]
+    pub(crate) argyle_api_url: String,
+
+    /// API key id (the HTTP Basic user name).
+    #[arg(long, env = "ARGYLE_API_KEY_ID", hide_env_values = true)]
+    pub(crate) argyle_api_key_id: Option<String>,
+
+    /// API key secret (the HTTP Basic password).
+    #[arg(long, env = "ARGYLE_API_KEY_SECRET", hide_env_values = true, value_parser = secret_value)]
+    pub(crate) argyle_api_key_secret: Option<Secret>,
+}
+
+impl ArgyleArgs {
+    /// The API settings, if a key is configured; a half-configured key is an error.
+    pub(crate) fn api(&self) -> anyhow::Result<Option<ArgyleApi>> {
+        let non_empty = |v: Option<&str>| v.filter(|v| !v.is_empty()).map(str::to_owned);
+        match (
+            non_empty(self.argyle_api_key_id.as_deref()),
+            non_empty(self.argyle_api_key_secret.as_ref().map(Secret::expose)),
+        ) {
+            (Some(key_id), Some(key_secret)) => Ok(Some(ArgyleApi {
+                url: self.argyle_api_url.clone(),
+                key_id,
+                key_secret,
+            })),
+            (None, None) => Ok(None),
+            _ => anyhow::bail!("set both ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET, or neither"),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct WebhooksArgs {
+    #[command(subcommand)]
+    pub(crate) action: WebhooksAction,
+
+    #[command(flatten)]
+    pub(crate) argyle: ArgyleArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum WebhooksAction {
+    /// Subscribe URL to Argyle's account webhooks; does nothing if an identical subscription (same
+    /// name, url and events) exists.
+    ///
+    /// With the resource included (the default), `accounts.removed`, which Argyle cannot send a
+    /// resource with, goes into a second subscription named `<name>-no-resource`. Both sign with
+    /// one secret, printed as the ARGYLE_WEBHOOK_SECRETS line to give ingest.
+    Create {
+        /// The public URL of this service's webhook route, e.g. https://example.com/webhooks/argyle.
+        #[arg(long)]
+        url: String,
+
+        /// Subscription name (Argyle sends it in every webhook's `name`).
+        #[arg(long, default_value = "account-projector")]
+        name: String,
+
+        /// Comma-separated events.
+        #[arg(long, value_delimiter = ',', default_values_t = argyle::ACCOUNT_EVENTS.map(String::from))]
+        events: Vec<String>,
+
+        /// Subscribe without `config.include_resource`: webhooks carry ids only (the enricher
+        /// can fetch the accounts).
+        #[arg(long)]
+        no_include_resource: bool,
+
+        /// Signing secret; by default a random 256-bit one (or the secret of an existing half of
+        /// the pair). No commas or whitespace: it goes into the comma-separated
+        /// ARGYLE_WEBHOOK_SECRETS.
+        #[arg(long, value_parser = webhook_secret, conflicts_with = "secret_file")]
+        secret: Option<Secret>,
+
+        /// Read the signing secret from FILE (`-`: standard input) instead, so that it does
+        /// not show in `ps`.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+    },
+    /// List the subscriptions of this API key, every page.
+    List {
+        /// Print each subscription's signing secret instead of `hidden`.
+        #[arg(long)]
+        show_secrets: bool,
+    },
+    /// Delete the subscription ID.
+    Delete {
+        /// The subscription's id, as `webhooks list` shows it.
+        id: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct RebuildArgs {
+    /// Compare instead of rebuilding; write nothing; exit 1 if any snapshot differs.
+    #[arg(long)]
+    pub(crate) verify: bool,
+
+    /// Only this account.
+    #[arg(long, value_name = "ID")]
+    pub(crate) account: Option<Uuid>,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ExportArgs {
+    /// Only events of this account.
+    #[arg(long, value_name = "ID")]
+    pub(crate) account: Option<Uuid>,
+
+    /// Only events of this user.
+    #[arg(long, value_name = "ID")]
+    pub(crate) user: Option<Uuid>,
+
+    /// Only events received at or after this RFC 3339 instant.
+    #[arg(long, value_name = "T", value_parser = parse_instant)]
+    pub(crate) since: Option<DateTime<Utc>>,
+
+    /// Only events received before this RFC 3339 instant (exclusive, so consecutive ranges tile).
+    #[arg(long, value_name = "T", value_parser = parse_instant)]
+    pub(crate) until: Option<DateTime<Utc>>,
+
+    /// Secrets to re-check signatures with; without any, `signature_valid` is null.
+    #[command(flatten)]
+    pub(crate) secrets: SecretArgs,
+}
+
+/// The webhook secrets, shared by `serve` and `export`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct SecretArgs {
+    /// Comma-separated webhook secrets; a delivery signed with any of them is accepted (rotation).
+    #[arg(
+        long,
+        env = "ARGYLE_WEBHOOK_SECRETS",
+        value_delimiter = ',',
+        value_parser = list_entry,
+        hide_env_values = true,
+        conflicts_with = "webhook_secrets_file"
+    )]
+    pub(crate) webhook_secrets: Vec<Secret>,
+
+    /// Read the webhook secrets from FILE instead (`-`: standard input), separated by commas or
+    /// line breaks, so that they do not show in `ps` or the environment.
+    #[arg(long, env = "ARGYLE_WEBHOOK_SECRETS_FILE", value_name = "FILE")]
+    pub(crate) webhook_secrets_file: Option<PathBuf>,
+}
+
+impl SecretArgs {
+    /// The secrets, from the flag, the variable or the file.
+    pub(crate) fn secrets(&self) -> anyhow::Result<Vec<String>> {
+        let secrets = match &self.webhook_secrets_file {
+            Some(path) => secret::read_list(path)?,
+            None => self.webhook_secrets.clone(),
+        };
+        if secrets.iter().any(|s| s.expose().is_empty()) {
+            anyhow::bail!(
+                "ARGYLE_WEBHOOK_SECRETS has an empty entry (two commas in a row, or a comma at an end)"
+            );
+        }
+        Ok(secrets.iter().map(|s| s.expose().to_owned()).collect())
+    }
+}
+
+pub(crate) fn webhook_secret(raw: &str) -> Result<Secret, String> {
+    if raw.is_empty() || raw.contains(',') || raw.chars().any(char::is_whitespace) {
+        Err("a webhook secret must be non-empty, without commas or whitespace".into())
+    } else {
+        Ok(Secret::new(raw))
+    }
+}
+
+pub(crate) fn secret_value(raw: &str) -> Result<Secret, String> {
+    Ok(Secret::new(raw))
+}
+
+/// One entry of a comma-separated list of secrets or tokens, surrounding whitespace trimmed (so
+/// `old, new` means `new`, not ` new`). An empty entry (`,` is no token at all) is refused where
+/// the list is used, in one sentence.
+pub(crate) fn list_entry(raw: &str) -> Result<Secret, String> {
+    Ok(Secret::new(raw.trim()))
+}
+
+pub(crate) fn positive_rate(raw: &str) -> Result<f64, String> {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .ok_or_else(|| "expected a positive number of fetches per second, e.g. 5 or 0.5".into())
+}
+
+pub(crate) fn parse_instant(raw: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{e}; expected RFC 3339, e.g. 2026-03-03T10:00:00Z"))
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Which roles this process runs.
+    #[arg(long, env = "ROLE", value_enum, default_value_t = defaults().role)]
+    pub(crate) role: Role,
+
+    /// Address of the HTTP listener.
+    #[arg(long, env = "LISTEN_ADDR", default_value_t = defaults().listen_addr)]
+    pub(crate) listen_addr: String,
+
+    /// Do not apply pending migrations at start.
+    #[arg(long, env = "NO_MIGRATE")]
+    pub(crate) no_migrate: bool,
+
+    #[command(flatten)]
+    pub(crate) secrets: SecretArgs,
+
+    /// Accept unsigned webhooks when no secret is configured (otherwise ingest refuses to start).
+    #[arg(long, env = "ALLOW_UNSIGNED_WEBHOOKS")]
+    pub(crate) allow_unsigned_webhooks: bool,
+
+    /// Comma-separated bearer tokens for /v1, each at least 16 characters. Required by the roles
+    /// that serve /v1 (all, api) unless --allow-open-api.
+    #[arg(
+        long,
+        env = "API_TOKENS",
+        value_delimiter = ',',
+        value_parser = list_entry,
+        hide_env_values = true
+    )]
+    pub(crate) api_tokens: Vec<Secret>,
+
+    /// Serve /v1 with no token (local experiments only; a warning is logged).
+    #[arg(long, env = "ALLOW_OPEN_API")]
+    pub(crate) allow_open_api: bool,
+
+    /// An identical body redelivered within this window is the same event (e.g. 24h, 90m, 0s).
+    #[arg(long, env = "DEDUP_WINDOW", default_value_t = defaults().dedup_window.into())]
+    pub(crate) dedup_window: humantime::Duration,
+
+    /// Most deliveries one commit may carry: concurrent requests share a transaction (group commit).
+    /// 1 commits each delivery alone.
+    #[arg(long, env = "MAX_COMMIT_BATCH", default_value_t = defaults().max_commit_batch as u16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) max_commit_batch: u16,
+
+    /// Larger webhook bodies are refused with 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = defaults().max_body_bytes)]
+    pub(crate) max_body_bytes: usize,
+
+    /// Longest time one HTTP request may take, slow clients included.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value_t = defaults().request_timeout.into())]
+    pub(crate) request_timeout: humantime::Duration,
+
+    /// Longest wait for the database within one request before answering 503 with Retry-After.
+    #[arg(long, env = "DATABASE_TIMEOUT", default_value_t = defaults().database_timeout.into())]
+    pub(crate) database_timeout: humantime::Duration,
+
+    /// Longest time a client may take to send a request's headers.
+    #[arg(long, env = "HEADER_TIMEOUT", default_value_t = defaults().header_timeout.into())]
+    pub(crate) header_timeout: humantime::Duration,
+
+    /// On SIGTERM, how long to wait for requests in flight before closing their connections.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value_t = defaults().shutdown_grace.into())]
+    pub(crate) shutdown_grace: humantime::Duration,
+
+    /// Events the projector folds per transaction.
+    #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = defaults().projector.batch_size, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub(crate) batch_size: i64,
+
+    /// The projector catches up at least this often, even without a notification.
+    #[arg(long, env = "PROJECTOR_POLL_INTERVAL", default_value_t = defaults().projector.poll_interval.into())]
+    pub(crate) poll_interval: humantime::Duration,
+
+    #[command(flatten)]
+    pub(crate) argyle: ArgyleArgs,
+
+    /// The enricher fetches an account at most once per this window, however many resource-less
+    /// webhooks arrive for it.
+    #[arg(long, env = "ENRICH_WINDOW", default_value_t = defaults().enricher.window.into())]
+    pub(crate) enrich_window: humantime::Duration,
+
+    /// Most account fetches per second the enricher makes.
+    #[arg(long, env = "ENRICH_RATE", default_value_t = defaults().enricher.rate, value_parser = positive_rate)]
+    pub(crate) enrich_rate: f64,
+
+    /// Largest number of database connections of this process.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = defaults().db.max_connections)]
+    pub(crate) max_connections: u32,
+}
+
+impl ServeArgs {
+    /// The service's settings: these arguments over the defaults of [`Settings::new`].
+    pub(crate) fn into_settings(self, database_url: String) -> anyhow::Result<Settings> {
+        let mut settings = Settings::new(database_url);
+        settings.role = self.role;
+        settings.listen_addr = self.listen_addr;
+        settings.migrate = !self.no_migrate;
+        settings.webhook_secrets = self.secrets.secrets()?;
+        settings.allow_unsigned_webhooks = self.allow_unsigned_webhooks;
+        settings.api_tokens = self
+            .api_tokens
+            .iter()
+            .map(|t| t.expose().to_owned())
+            .collect();
+        settings.allow_open_api = self.allow_open_api;
+        settings.dedup_window = self.dedup_window.into();
+        settings.max_body_bytes = self.max_body_bytes;
+        settings.max_commit_batch = usize::from(self.max_commit_batch);
+        settings.request_timeout = self.request_timeout.into();
+        settings.database_timeout = self.database_timeout.into();
+        settings.header_timeout = self.header_timeout.into();
+        settings.shutdown_grace = self.shutdown_grace.into();
+        settings.projector.batch_size = self.batch_size;
+        settings.projector.poll_interval = self.poll_interval.into();
+        settings.argyle = self.argyle.api()?;
+        settings.enricher.window = self.enrich_window.into();
+        settings.enricher.rate = self.enrich_rate;
+        settings.db.max_connections = self.max_connections;
+        Ok(settings)
+    }
+}
+
+/// The defaults of every `serve` option: [`Settings::new`]'s, the one place they are written.
+fn defaults() -> Settings {
+    Settings::new(String::new())
+}
