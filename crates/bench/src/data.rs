@@ -1,0 +1,59 @@
+//! Data set up straight through the store (no HTTP), and waiting for the projector to fold it.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+/// Waits until the projector's checkpoint reaches the head of the log.
+pub async fn wait_projected(pool: &store::PgPool) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    let head = store::log::head(&mut conn).await?;
+    while store::checkpoints::get(&mut conn, store::checkpoints::PROJECTION).await? < head {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Appends `bodies` straight into the log through the store, in batches (for setting up data).
+pub async fn append_bodies(
+    pool: &store::PgPool,
+    bodies: impl Iterator<Item = Vec<u8>>,
+) -> anyhow::Result<usize> {
+    let mut batch = Vec::with_capacity(1000);
+    let mut count = 0;
+    let mut conn = pool.acquire().await?;
+    for body in bodies {
+        let envelope = domain::Envelope::parse(&body)?;
+        batch.push(store::log::Delivery::new(&body, None, &envelope));
+        if batch.len() == 1000 {
+            count += store::log::append_in(&mut conn, &batch, Duration::from_secs(86_400))
+                .await?
+                .len();
+            batch.clear();
+        }
+    }
+    count += store::log::append_in(&mut conn, &batch, Duration::from_secs(86_400))
+        .await?
+        .len();
+    Ok(count)
+}
+
+/// `count` refinements (`accounts.updated`) of one account, one millisecond apart.
+pub fn refinements(account: Uuid, user: Uuid, count: usize) -> impl Iterator<Item = Vec<u8>> {
+    (0..count).map(move |step| refinement(account, user, step))
+}
+
+/// The `step`-th refinement of an account: an `accounts.updated` with a resource of about 2 KB,
+/// `step` milliseconds after the first.
+pub fn refinement(account: Uuid, user: Uuid, step: usize) -> Vec<u8> {
+    let at = chrono::DateTime::parse_from_rfc3339("2026-03-02T15:04:11Z").unwrap()
+        + chrono::Duration::milliseconds(step as i64);
+    let resource = serde_json::json!({"id": account, "user": user, "updated_at": at.to_rfc3339(),
+        "connection": {"status": "connected"}, "step": step, "pad": "x".repeat(1800)});
+    loadgen::body("accounts.updated", account, user, Some(&resource))
+}
+
+/// Fresh statistics, as autovacuum would have gathered on a live system.
+pub async fn analyze(conn: &mut store::PgConnection) {
+    let _ = store::analyze(conn).await;
+}

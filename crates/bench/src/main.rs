@@ -1,0 +1,104 @@
+//! `bench`: the one-run benchmark. On fresh databases, measures Postgres's own ceiling (pgbench, same
+//! payload, same concurrency) and then the service against it, and prints a table ready for
+//! BENCHMARKS.md (also written to `target/bench-report.md`).
+//!
+//! Run from the repository root after `cargo build --release`: `./target/release/bench` (or
+//! `cargo run --release -p bench`).
+//!
+//! # Layout
+//! The scenarios, in the order they run and print their rows:
+//! - [`baseline`]: Postgres's own ceiling (pgbench single-row INSERT and SELECT) and the log's own
+//!   append without HTTP (`benches/pgbench/append.sql`, with and without the append lock).
+//! - [`ingest`]: `serve --role ingest` alone: signed webhooks over HTTP, the same with a wrong
+//!   signature, at saturation (with the CPU a delivery costs), and replayed by `wrk`.
+//! - [`service`]: `serve` with every role on a fresh database: ingest with the projector folding,
+//!   then the rows below, then the server's peak RSS.
+//! - [`latency`]: ingest at a fixed 2,000/s, with the machine's CPU during the row.
+//! - [`lag`]: projection lag at 1,000 events/s, from the commit to the checkpoint notification.
+//! - [`queries`]: `GET /v1/accounts/{id}` flat out (the Rust client, then `wrk`) and at 1,000/s,
+//!   and time travel over an account with 10,000 events.
+//! - [`rebuild`]: a log of many accounts loaded through the store, refolded by
+//!   `account-projector rebuild`.
+//!
+//! Shared by them:
+//! - [`report`]: the rows and the Markdown table printed at the end.
+//! - [`pg`]: pgbench and psql runners, database URLs.
+//! - [`wrk`]: the `wrk` runner (a C client) and its scripts' inputs.
+//! - [`server`]: starting, waiting for and stopping the service binary; its log.
+//! - [`data`]: setting up the log through the store and waiting for the projector.
+//! - [`machine`]: the machine's and this process's CPU shares, a process's peak RSS.
+
+#![forbid(unsafe_code)]
+
+mod baseline;
+mod data;
+mod ingest;
+mod lag;
+mod latency;
+mod machine;
+mod pg;
+mod queries;
+mod rebuild;
+mod report;
+mod server;
+mod service;
+mod wrk;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// The one-run benchmark of account-projector against Postgres's own ceiling on this machine.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Postgres server (any database on it); the benchmark creates and drops its own databases.
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// The service binary to run.
+    #[arg(long, default_value = "target/release/account-projector")]
+    server: String,
+    /// Concurrency of the throughput runs (pgbench clients, HTTP connections).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Length of each timed run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Events in the log for the rebuild run.
+    #[arg(long, default_value_t = 1_000_000)]
+    rebuild_events: usize,
+    /// Accounts those events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    rebuild_accounts: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut rows = vec![];
+    let admin = store::pool(&args.database_url, &store::DbOptions::default())?;
+    let version = store::migrate::server_version(&admin).await?;
+    let cores = machine::cores();
+    let payload = std::fs::read("tests/fixtures/argyle/05_accounts.updated.json")
+        .context("run from the repository root")?;
+    eprintln!(
+        "bench: {cores} cores; {version}; server logs in {}",
+        server::SERVER_LOG
+    );
+
+    // 1. Postgres's own ceiling with the same payload and concurrency.
+    let baseline = baseline::run(&args, &payload, &mut rows).await?;
+    // 2. Ingest alone, as the compose stack runs it.
+    ingest::run(&args, &baseline, cores, &mut rows).await?;
+    // 3. The service with every role, in its own process, on a fresh database.
+    service::run(&args, &baseline, &mut rows).await?;
+    // 4. Rebuild: the log of many accounts, refolded by `account-projector rebuild`.
+    rebuild::run(&args, &mut rows).await?;
+
+    report::print(&rows, cores, &version, args.connections, args.seconds)?;
+    drop(admin);
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! The service under test: the release binary started as `serve --role <role>` on a free port,
+//! waited for, and stopped with SIGTERM; its log; how the load generator reaches it.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use loadgen::Sending;
+
+/// The webhook secret the servers are started with and the deliveries are signed with.
+pub const SECRET: &str = "bench_webhook_secret";
+
+/// The servers' logs (warnings and errors), appended to by every run.
+pub const SERVER_LOG: &str = "target/bench-server.log";
+
+/// Starts `serve --role <role>` on a free port; returns the process and its base URL.
+pub fn start_server(
+    binary: &str,
+    database_url: &str,
+    role: &str,
+) -> anyhow::Result<(std::process::Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let server = Command::new(binary)
+        .args(["serve", "--no-migrate", "--role", role])
+        .env("DATABASE_URL", database_url)
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("ARGYLE_WEBHOOK_SECRETS", SECRET)
+        // The query API without a token, on loopback only: the load generator reads it without one.
+        .env("ALLOW_OPEN_API", "true")
+        .env("DATABASE_MAX_CONNECTIONS", "32")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stderr(server_log()?)
+        .spawn()
+        .with_context(|| format!("could not start {binary} (cargo build --release first)"))?;
+    Ok((server, format!("http://127.0.0.1:{port}")))
+}
+
+/// Where the servers' logs go (appended): [`SERVER_LOG`]. The run with a wrong signature alone
+/// logs a warning per request, which would bury the table.
+fn server_log() -> anyhow::Result<std::fs::File> {
+    if let Some(dir) = std::path::Path::new(SERVER_LOG).parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("could not create {dir:?}"))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(SERVER_LOG)
+        .with_context(|| format!("could not open {SERVER_LOG}"))
+}
+
+/// SIGTERM, then wait for the exit.
+pub fn stop_server(server: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
+}
+
+/// Waits (a minute at most) until `GET {base}/readyz` answers 200.
+pub async fn wait_ready(base: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(response) = reqwest::get(format!("{base}/readyz")).await
+            && response.status() == 200
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the service did not become ready")
+}
+
+/// Signed deliveries to the server at `base`, `connections` in flight, at `rate` or flat out.
+pub fn sending(base: &str, connections: usize, rate: Option<f64>) -> Sending {
+    Sending {
+        url: base.to_owned(),
+        secret: SECRET.into(),
+        connections,
+        rate,
+    }
+}
