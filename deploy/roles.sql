@@ -55,9 +55,23 @@ SELECT 'CREATE ROLE account_projector_owner LOGIN'
 SELECT 'CREATE ROLE account_projector_service LOGIN'
  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'account_projector_service') \gexec
 
--- Neither role is a superuser, makes roles or databases, replicates, or bypasses row security.
-ALTER ROLE account_projector_owner LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
-ALTER ROLE account_projector_service LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+-- Neither role may be a superuser, make roles or databases, replicate, or bypass row security
+-- (CREATE ROLE gives none of these; a role made earlier by hand is checked, not changed, since
+-- only a superuser may change them).
+ALTER ROLE account_projector_owner LOGIN;
+ALTER ROLE account_projector_service LOGIN;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles
+                WHERE rolname IN ('account_projector_owner', 'account_projector_service')
+                  AND (rolsuper OR rolcreaterole OR rolcreatedb OR rolreplication OR rolbypassrls)) THEN
+        RAISE EXCEPTION 'account_projector_owner and account_projector_service must not be superusers or have CREATEROLE, CREATEDB, REPLICATION or BYPASSRLS';
+    END IF;
+END;
+$$;
+-- An administrator that is not a superuser (a managed service's admin user) acts as the owner
+-- below: giving it the database and the schema, and granting on the owner's objects.
+GRANT account_projector_owner TO CURRENT_USER;
 \if :{?owner_password}
 ALTER ROLE account_projector_owner PASSWORD :'owner_password';
 \endif

@@ -258,9 +258,18 @@ const SERVICE: &str = "account_projector_service";
 
 /// Runs `deploy/roles.sql` as the administrator for the database of `database_url`.
 fn run_roles_sql(database_url: &str) {
+    run_roles_sql_as(database_url, "postgres");
+}
+
+/// Runs `deploy/roles.sql` as `admin` (connecting to the `postgres` database) for the database of
+/// `database_url`.
+fn run_roles_sql_as(database_url: &str, admin: &str) {
     let script = fixtures_dir().join("../../deploy/roles.sql");
     let output = std::process::Command::new("psql")
-        .arg(database_url.replace(&format!("/{}", database_name(database_url)), "/postgres"))
+        .arg(
+            as_role(database_url, admin)
+                .replace(&format!("/{}", database_name(database_url)), "/postgres"),
+        )
         .args([
             "-X",
             "-q",
@@ -446,6 +455,37 @@ async fn every_role_and_command_runs_as_the_service_role_which_cannot_write_the_
         stderr.contains("cannot apply migrations") && stderr.contains(SERVICE),
         "{stderr}"
     );
+
+    // An administrator that is not a superuser (a managed service's admin user) can run it too,
+    // creating the database, and migrating as the owner then works.
+    let admin_name = format!("ap_admin_{}", Uuid::new_v4().simple());
+    let admin = PgPool::connect(&database_url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {admin_name} LOGIN CREATEROLE CREATEDB"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let second = database_url.replace(
+        &database_name(&database_url),
+        &format!("{}_m", database_name(&database_url)),
+    );
+    run_roles_sql_as(&second, &admin_name);
+    let (code, _, stderr) = run_binary(&as_role(&second, OWNER), &["migrate"], &[]).await;
+    assert_eq!(code, 0, "migrate as the owner: {stderr}");
+    run_roles_sql_as(&second, &admin_name);
+    let (code, _, stderr) = run_binary(&as_role(&second, SERVICE), &["status"], &[]).await;
+    assert_eq!(code, 0, "status as the service: {stderr}");
+    for statement in [
+        format!("DROP DATABASE {} WITH (FORCE)", database_name(&second)),
+        format!("REVOKE account_projector_owner FROM {admin_name}"),
+        format!("DROP ROLE {admin_name}"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone()))
+            .execute(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
 }
 
 // --- secrets out of `ps` -----------------------------------------------------------------------

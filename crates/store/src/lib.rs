@@ -222,8 +222,8 @@ pub async fn connect(options: &PgConnectOptions) -> Result<PgConnection> {
 }
 
 /// Parses a database URL into connect options, with libpq's TLS parameters: `sslmode`
-/// (`disable`, `prefer` (the default), `require`, `verify-ca`, `verify-full`) and `sslrootcert`,
-/// also from `PGSSLMODE` and `PGSSLROOTCERT`.
+/// (`disable`, `allow` (taken as `prefer`), `prefer` (the default), `require`, `verify-ca`,
+/// `verify-full`) and `sslrootcert`, also from `PGSSLMODE` and `PGSSLROOTCERT`.
 ///
 /// As in libpq, `require` with a root certificate given verifies the server's certificate against
 /// it (like `verify-ca`): naming a root certificate is asking for it to be checked.
@@ -231,6 +231,12 @@ pub fn connect_options(database_url: &str) -> Result<PgConnectOptions> {
     let options = PgConnectOptions::from_str(database_url)
         // sqlx's message quotes no part of the URL, so no password reaches a log.
         .map_err(|e| Error::InvalidUrl(e.to_string()))?;
+    // libpq's `allow` tries without TLS, then with it if the server insists; sqlx would only
+    // ever try without. `prefer` reaches every server `allow` does.
+    let options = match options.get_ssl_mode() {
+        PgSslMode::Allow => options.ssl_mode(PgSslMode::Prefer),
+        _ => options,
+    };
     let Some(root_cert) = root_cert(database_url) else {
         return Ok(options);
     };

@@ -40,7 +40,8 @@ pub struct SchemaState {
     pub applied: i64,
     /// The highest migration this build knows.
     pub latest: i64,
-    /// The connected role may create objects in the schema and owns the tables already there.
+    /// The connected role owns the schema and the tables already there (a role that may merely
+    /// create in it, as PUBLIC may on Postgres 14, must not end up owning the log).
     pub can_migrate: bool,
 }
 
@@ -74,7 +75,8 @@ pub fn embedded() -> Vec<(i64, String, u64)> {
 pub async fn schema_state(conn: &mut PgConnection) -> Result<SchemaState> {
     let (has_history, can_migrate): (bool, bool) = sqlx::query_as(
         "SELECT to_regclass('refinery_schema_history') IS NOT NULL,
-                has_schema_privilege(current_schema(), 'CREATE')
+                (SELECT pg_has_role(current_user, n.nspowner, 'USAGE')
+                   FROM pg_namespace n WHERE n.nspname = current_schema())
                 AND coalesce((SELECT pg_has_role(current_user, c.relowner, 'USAGE')
                                 FROM pg_class c WHERE c.oid = to_regclass('events')), true)",
     )
