@@ -219,12 +219,9 @@ impl SecretArgs {
             Some(path) => secret::read_list(path)?,
             None => self.webhook_secrets.clone(),
         };
-        if secrets.iter().any(|s| s.expose().is_empty()) {
-            anyhow::bail!(
-                "ARGYLE_WEBHOOK_SECRETS has an empty entry (two commas in a row, or a comma at an end)"
-            );
-        }
-        Ok(secrets.iter().map(|s| s.expose().to_owned()).collect())
+        let exposed: Vec<String> = secrets.iter().map(|s| s.expose().to_owned()).collect();
+        secret::refuse_empty_entries("ARGYLE_WEBHOOK_SECRETS", &exposed)?;
+        Ok(exposed)
     }
 }
 

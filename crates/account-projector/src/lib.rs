@@ -320,12 +320,8 @@ struct Checked {
 /// may start with only because they were asked for.
 fn validate(settings: &Settings) -> anyhow::Result<Checked> {
     let role = settings.role;
-    if settings.webhook_secrets.iter().any(|s| s.trim().is_empty()) {
-        bail!("ARGYLE_WEBHOOK_SECRETS has an empty entry");
-    }
-    if settings.api_tokens.iter().any(|t| t.trim().is_empty()) {
-        bail!("API_TOKENS has an empty entry");
-    }
+    secret::refuse_empty_entries("ARGYLE_WEBHOOK_SECRETS", &settings.webhook_secrets)?;
+    secret::refuse_empty_entries("API_TOKENS", &settings.api_tokens)?;
     let secrets = Secrets::new(settings.webhook_secrets.iter().map(|s| s.trim()));
     if role.ingests() && secrets.is_empty() && !settings.allow_unsigned_webhooks {
         bail!(

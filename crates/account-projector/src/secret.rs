@@ -62,6 +62,15 @@ pub fn read_one(path: &Path) -> anyhow::Result<Secret> {
     }
 }
 
+/// Refuses a list with an empty entry (`a,,b`, a comma at an end, `API_TOKENS=","`): no secret
+/// at all, not a secret that is empty. `what` names the list in the sentence.
+pub fn refuse_empty_entries<S: AsRef<str>>(what: &str, entries: &[S]) -> anyhow::Result<()> {
+    if entries.iter().any(|e| e.as_ref().trim().is_empty()) {
+        anyhow::bail!("{what} has an empty entry (two commas in a row, or a comma at an end)");
+    }
+    Ok(())
+}
+
 /// Larger files are surely not a list of secrets.
 const MAX_SECRETS_FILE: u64 = 64 * 1024;
 

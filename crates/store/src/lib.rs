@@ -316,14 +316,7 @@ pub fn pool(database_url: &str, options: &DbOptions) -> Result<PgPool> {
         .connect_lazy_with(connect))
 }
 
-/// Fails unless the database answers and every embedded migration is applied.
-#[tracing::instrument(skip_all)]
-pub async fn check_ready(pool: &PgPool) -> Result<(), NotReady> {
-    let mut conn = pool.acquire().await.map_err(|_| NotReady::Unavailable)?;
-    check_ready_on(&mut conn).await
-}
-
-/// [`check_ready`] on a connection of the caller's.
+/// Fails unless the database answers on `conn` and every embedded migration is applied.
 pub async fn check_ready_on(conn: &mut PgConnection) -> Result<(), NotReady> {
     let applied: Option<i64> =
         sqlx::query_scalar("SELECT max(version)::bigint FROM refinery_schema_history")
