@@ -12,6 +12,7 @@ mod hostile;
 mod ingest;
 mod never_stall;
 mod projection;
+mod reconcile;
 mod reliability;
 mod security;
 

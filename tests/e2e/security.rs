@@ -253,11 +253,11 @@ async fn every_command_honours_sslmode_and_sslrootcert() {
 
 // --- least privilege ---------------------------------------------------------------------------
 
-const OWNER: &str = "account_projector_owner";
-const SERVICE: &str = "account_projector_service";
+pub(crate) const OWNER: &str = "account_projector_owner";
+pub(crate) const SERVICE: &str = "account_projector_service";
 
 /// Runs `deploy/roles.sql` as the administrator for the database of `database_url`.
-fn run_roles_sql(database_url: &str) {
+pub(crate) fn run_roles_sql(database_url: &str) {
     run_roles_sql_as(database_url, "postgres");
 }
 
@@ -293,7 +293,7 @@ fn run_roles_sql_as(database_url: &str, admin: &str) {
     );
 }
 
-fn as_role(database_url: &str, role: &str) -> String {
+pub(crate) fn as_role(database_url: &str, role: &str) -> String {
     database_url.replacen("postgres@", &format!("{role}@"), 1)
 }
 

@@ -62,6 +62,17 @@ pub(crate) enum Command {
     Export(ExportArgs),
     /// Manage the Argyle webhook subscription that sends this service its webhooks.
     Webhooks(WebhooksArgs),
+    /// Compare every account Argyle lists with the log, and append what the log lacks.
+    ///
+    /// Pages through GET /v2/accounts and, for each account unknown here or with a newer
+    /// `updated_at` at Argyle, appends Argyle's object as an `argyle.account_fetched` event: the
+    /// backfill of a new installation, and the repair after webhooks were lost. Running it again
+    /// appends nothing new; a run that was stopped is resumed from its last page. Accounts held as
+    /// active that Argyle does not list are printed, never removed unless --confirm-removals.
+    ///
+    /// Exit status: 0 done, 1 error, 3 removals refused by the missing-share guard, 130 stopped
+    /// (run again to resume).
+    Reconcile(ReconcileArgs),
 }
 
 /// Argyle's management API and its key (from the Argyle console: Developers > API keys).
@@ -159,6 +170,79 @@ pub(crate) enum WebhooksAction {
 }
 
 #[derive(clap::Args, Debug)]
+pub(crate) struct ReconcileArgs {
+    /// Compare and print the summary; append nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+
+    /// Only this account (GET /v2/accounts/{id}).
+    #[arg(long, value_name = "ID", conflicts_with = "user")]
+    pub(crate) account: Option<Uuid>,
+
+    /// Only this user's accounts (GET /v2/accounts?user=ID).
+    #[arg(long, value_name = "ID")]
+    pub(crate) user: Option<Uuid>,
+
+    /// For each account held as active that Argyle does not list, fetch it alone and, if Argyle
+    /// answers 404, record its removal (`argyle.account_removed`, folded like accounts.removed).
+    #[arg(long)]
+    pub(crate) confirm_removals: bool,
+
+    /// Confirm removals even when more than --max-missing-share of the accounts are missing
+    /// (which is what an API key or URL of another environment looks like).
+    #[arg(long, requires = "confirm_removals")]
+    pub(crate) force: bool,
+
+    /// Removals are refused when a larger share (0 to 1) of the accounts held as active is
+    /// missing at Argyle, unless --force.
+    #[arg(long, env = "RECONCILE_MAX_MISSING_SHARE", default_value_t = defaults().enricher.reconcile.max_missing_share, value_parser = share)]
+    pub(crate) max_missing_share: f64,
+
+    /// Most requests per second to Argyle.
+    #[arg(long, env = "RECONCILE_RATE", default_value_t = defaults().enricher.reconcile.rate, value_parser = positive_rate)]
+    pub(crate) rate: f64,
+
+    #[command(flatten)]
+    pub(crate) argyle: ArgyleArgs,
+}
+
+pub(crate) fn share(raw: &str) -> Result<f64, String> {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
+        .ok_or_else(|| "expected a share between 0 and 1, e.g. 0.1".into())
+}
+
+/// `off` or a duration such as `6h`.
+pub(crate) fn interval(raw: &str) -> Result<Interval, String> {
+    if raw.trim().eq_ignore_ascii_case("off") {
+        return Ok(Interval(None));
+    }
+    let every: std::time::Duration = raw
+        .trim()
+        .parse::<humantime::Duration>()
+        .map_err(|e| format!("{e}; expected `off` or a duration such as 6h or 30m"))?
+        .into();
+    if every < std::time::Duration::from_secs(60) {
+        return Err("expected `off` or at least 1m".into());
+    }
+    Ok(Interval(Some(every)))
+}
+
+/// A schedule's interval: `None` is off.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Interval(pub(crate) Option<std::time::Duration>);
+
+impl std::fmt::Display for Interval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("off"),
+            Some(every) => write!(f, "{}", humantime::format_duration(every)),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
 pub(crate) struct RebuildArgs {
     /// Compare instead of rebuilding; write nothing; exit 1 if any snapshot differs.
     #[arg(long)]
@@ -248,7 +332,7 @@ pub(crate) fn positive_rate(raw: &str) -> Result<f64, String> {
     raw.parse::<f64>()
         .ok()
         .filter(|r| r.is_finite() && *r > 0.0)
-        .ok_or_else(|| "expected a positive number of fetches per second, e.g. 5 or 0.5".into())
+        .ok_or_else(|| "expected a positive number of requests per second, e.g. 5 or 0.5".into())
 }
 
 pub(crate) fn parse_instant(raw: &str) -> Result<DateTime<Utc>, String> {
@@ -342,6 +426,15 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "ENRICH_RATE", default_value_t = defaults().enricher.rate, value_parser = positive_rate)]
     pub(crate) enrich_rate: f64,
 
+    /// The enricher role reconciles with Argyle this often (e.g. 6h), as `reconcile` does, never
+    /// confirming removals; `off` by default.
+    #[arg(long, env = "RECONCILE_INTERVAL", default_value_t = Interval(defaults().enricher.reconcile_interval), value_parser = interval)]
+    pub(crate) reconcile_interval: Interval,
+
+    /// Most requests per second a scheduled reconcile makes to Argyle.
+    #[arg(long, env = "RECONCILE_RATE", default_value_t = defaults().enricher.reconcile.rate, value_parser = positive_rate)]
+    pub(crate) reconcile_rate: f64,
+
     /// Largest number of database connections of this process.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = defaults().db.max_connections)]
     pub(crate) max_connections: u32,
@@ -374,12 +467,14 @@ impl ServeArgs {
         settings.argyle = self.argyle.api()?;
         settings.enricher.window = self.enrich_window.into();
         settings.enricher.rate = self.enrich_rate;
+        settings.enricher.reconcile_interval = self.reconcile_interval.0;
+        settings.enricher.reconcile.rate = self.reconcile_rate;
         settings.db.max_connections = self.max_connections;
         Ok(settings)
     }
 }
 
 /// The defaults of every `serve` option: [`Settings::new`]'s, the one place they are written.
-fn defaults() -> Settings {
+pub(crate) fn defaults() -> Settings {
     Settings::new(String::new())
 }

@@ -365,6 +365,9 @@ fn validate(settings: &Settings) -> anyhow::Result<Checked> {
         (true, None) if role == Role::Enricher => bail!(
             "the enricher needs ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET to fetch accounts"
         ),
+        (true, None) if settings.enricher.reconcile_interval.is_some() => bail!(
+            "RECONCILE_INTERVAL needs ARGYLE_API_KEY_ID and ARGYLE_API_KEY_SECRET to list accounts"
+        ),
         (true, None) => {
             tracing::info!("ARGYLE_API_KEY_ID is not set: resource-less webhooks are not enriched");
             None

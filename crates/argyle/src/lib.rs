@@ -10,7 +10,9 @@
 
 use std::time::Duration;
 
-use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+
+pub use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -168,6 +170,31 @@ pub struct WebhookConfig {
     pub include_resource: bool,
 }
 
+/// Accounts per page of `GET /v2/accounts`: Argyle's maximum.
+pub const ACCOUNTS_PAGE_SIZE: u32 = 200;
+
+/// The largest page body read: 200 account objects are well under a megabyte.
+const MAX_PAGE_BYTES: usize = 32 << 20;
+
+/// One account as `GET /v2/accounts` lists it: its ids, and the object exactly as Argyle wrote it.
+#[derive(Debug, Clone)]
+pub struct ListedAccount {
+    pub id: Uuid,
+    pub user: Uuid,
+    pub object: Box<RawValue>,
+}
+
+/// One page of `GET /v2/accounts`.
+#[derive(Debug)]
+pub struct AccountPage {
+    /// The page's accounts, in Argyle's order.
+    pub accounts: Vec<ListedAccount>,
+    /// Entries that are not an account object with a UUID `id` and `user`: why, one per entry.
+    pub unreadable: Vec<String>,
+    /// The next page, `None` on the last.
+    pub next: Option<Url>,
+}
+
 #[derive(Deserialize)]
 struct Page<T> {
     next: Option<String>,
@@ -235,6 +262,11 @@ impl Client {
         })
     }
 
+    /// The API's base URL, as configured (without a trailing slash).
+    pub fn base_url(&self) -> &str {
+        self.base.as_str().trim_end_matches('/')
+    }
+
     pub fn with_retry(mut self, retry: Retry) -> Self {
         self.retry = retry;
         self
@@ -281,6 +313,80 @@ impl Client {
         Ok(())
     }
 
+    /// The first page of `GET /v2/accounts` (every account, or one user's), [`ACCOUNTS_PAGE_SIZE`]
+    /// at a time.
+    pub fn accounts_url(&self, user: Option<Uuid>) -> Url {
+        let mut url = self.url(&["accounts"]);
+        url.query_pairs_mut()
+            .append_pair("limit", &ACCOUNTS_PAGE_SIZE.to_string());
+        if let Some(user) = user {
+            url.query_pairs_mut().append_pair("user", &user.to_string());
+        }
+        url
+    }
+
+    /// A page URL kept from an earlier listing (to resume it), accepted only on this API's origin
+    /// and under its base path.
+    pub fn page_url(&self, stored: &str) -> Result<Url> {
+        let url = Url::parse(stored).map_err(|e| unexpected("GET /accounts", e))?;
+        if url.origin() == self.base.origin() && url.path().starts_with(self.base.path()) {
+            Ok(url)
+        } else {
+            Err(unexpected(
+                "GET /accounts",
+                format!("the page {url} is not on {}", self.base),
+            ))
+        }
+    }
+
+    /// One page of `GET /v2/accounts` at `url` (from [`Client::accounts_url`], a page's `next`, or
+    /// [`Client::page_url`]). Each object is kept byte for byte; an entry that is not an account
+    /// is reported in [`AccountPage::unreadable`], the page's other accounts still count.
+    pub async fn list_accounts_page(&self, url: &Url) -> Result<AccountPage> {
+        const WHAT: &str = "GET /accounts";
+        let response = self.send(Method::GET, url.clone(), None, true).await?.0;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(Error::NotFound(format!(
+                "accounts endpoint at {url}; check ARGYLE_API_URL (it ends with /v2)"
+            )));
+        }
+        let text = read_bounded(response, MAX_PAGE_BYTES)
+            .await
+            .map_err(|e| unexpected(WHAT, e))?;
+        let page: Page<Box<RawValue>> =
+            serde_json::from_str(&text).map_err(|e| unexpected(WHAT, e))?;
+        #[derive(Deserialize)]
+        struct Ids {
+            id: Uuid,
+            user: Uuid,
+        }
+        let mut accounts = Vec::with_capacity(page.results.len());
+        let mut unreadable = vec![];
+        for (index, object) in page.results.into_iter().enumerate() {
+            if !object.get().starts_with('{') {
+                unreadable.push(format!("entry {index} is not a JSON object"));
+                continue;
+            }
+            match serde_json::from_str::<Ids>(object.get()) {
+                Ok(ids) => accounts.push(ListedAccount {
+                    id: ids.id,
+                    user: ids.user,
+                    object,
+                }),
+                Err(e) => unreadable.push(format!("entry {index}: {e}")),
+            }
+        }
+        let next = match page.next.filter(|n| !n.is_empty()) {
+            None => None,
+            Some(next) => Some(self.same_origin(url, &next, WHAT)?),
+        };
+        Ok(AccountPage {
+            accounts,
+            unreadable,
+            next,
+        })
+    }
+
     /// `GET /v2/webhooks`, following `next` to the last page.
     pub async fn list_webhooks(&self) -> Result<Vec<Webhook>> {
         let mut url = self.url(&["webhooks"]);
@@ -305,7 +411,7 @@ impl Client {
             webhooks.extend(page.results);
             match page.next {
                 None => return Ok(webhooks),
-                Some(next) => url = self.same_origin(&url, &next)?,
+                Some(next) => url = self.same_origin(&url, &next, "GET /webhooks")?,
             }
         }
     }
@@ -341,15 +447,13 @@ impl Client {
 
     /// A `next` link (relative to the page it came from), accepted only on the API's own origin:
     /// the API key must not go elsewhere.
-    fn same_origin(&self, page: &Url, next: &str) -> Result<Url> {
-        let url = page
-            .join(next)
-            .map_err(|e| unexpected("GET /webhooks", e))?;
+    fn same_origin(&self, page: &Url, next: &str, what: &str) -> Result<Url> {
+        let url = page.join(next).map_err(|e| unexpected(what, e))?;
         if url.origin() == self.base.origin() {
             Ok(url)
         } else {
             Err(unexpected(
-                "GET /webhooks",
+                what,
                 format!(
                     "its next page is on another host ({})",
                     url.origin().ascii_serialization()
@@ -446,6 +550,18 @@ fn unexpected(what: &str, reason: impl std::fmt::Display) -> Error {
         what: what.to_owned(),
         reason: reason.to_string(),
     }
+}
+
+/// The body as text, refused once it passes `max` bytes.
+async fn read_bounded(mut response: Response, max: usize) -> Result<String, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("the answer is larger than {} MiB", max >> 20));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|e| e.to_string())
 }
 
 fn retry_after(response: &Response) -> Option<Duration> {
@@ -547,17 +663,24 @@ mod tests {
         );
         let page = client.url(&["webhooks"]);
         assert_eq!(
-            client.same_origin(&page, "?cursor=x").unwrap().as_str(),
+            client
+                .same_origin(&page, "?cursor=x", "GET /webhooks")
+                .unwrap()
+                .as_str(),
             "https://api-sandbox.argyle.com/v2/webhooks?cursor=x"
         );
         assert!(
             client
-                .same_origin(&page, "https://api-sandbox.argyle.com/v2/webhooks?cursor=x")
+                .same_origin(
+                    &page,
+                    "https://api-sandbox.argyle.com/v2/webhooks?cursor=x",
+                    "GET /webhooks"
+                )
                 .is_ok()
         );
         assert!(
             client
-                .same_origin(&page, "https://evil.example/v2/webhooks")
+                .same_origin(&page, "https://evil.example/v2/webhooks", "GET /webhooks")
                 .is_err()
         );
         assert!(matches!(

@@ -40,12 +40,19 @@ pub enum EventKind {
     /// [`ACCOUNT_FETCHED`]: the account object as fetched from Argyle's API by the enricher, not
     /// received; folded like an update, under the same newer-`updated_at` rule.
     AccountFetched,
+    /// [`ACCOUNT_GONE`]: reconcile confirmed that Argyle no longer has the account (not listed,
+    /// and `GET /v2/accounts/{id}` answered 404); folded like `accounts.removed`.
+    AccountGone,
     /// Any other family (`paystubs.added`, `users.fully_synced`, ...): stored, never folded.
     NotAccountEvent,
 }
 
 /// The name of the events the enricher records: `data.resource` is `GET /v2/accounts/{id}`'s answer.
 pub const ACCOUNT_FETCHED: &str = "argyle.account_fetched";
+
+/// The name of the event `reconcile --confirm-removals` records for an account Argyle no longer
+/// has: folded as a removal.
+pub const ACCOUNT_GONE: &str = "argyle.account_removed";
 
 /// The name of the events the enricher records when Argyle answers 404 for an account: kept for
 /// the audit trail, never folded.
@@ -61,14 +68,27 @@ impl EventKind {
             "accounts.updated" => Self::AccountUpdated,
             "accounts.removed" => Self::AccountRemoved,
             ACCOUNT_FETCHED => Self::AccountFetched,
+            ACCOUNT_GONE => Self::AccountGone,
             other if other.starts_with("accounts.") => Self::OtherAccountEvent,
             _ => Self::NotAccountEvent,
         }
     }
 
-    /// True for every `accounts.*` event and [`ACCOUNT_FETCHED`], the ones the projector folds.
+    /// True for every `accounts.*` event, [`ACCOUNT_FETCHED`] and [`ACCOUNT_GONE`], the ones the
+    /// projector folds.
     pub fn is_folded(self) -> bool {
         self != Self::NotAccountEvent
+    }
+
+    /// True for the events only the service itself may append, as answers of Argyle's API: a
+    /// webhook of such a name is logged and not folded.
+    pub fn speaks_for_argyle_api(self) -> bool {
+        matches!(self, Self::AccountFetched | Self::AccountGone)
+    }
+
+    /// True for the events that end an account: `accounts.removed`, and [`ACCOUNT_GONE`].
+    pub fn is_removal(self) -> bool {
+        matches!(self, Self::AccountRemoved | Self::AccountGone)
     }
 }
 
@@ -293,7 +313,10 @@ impl Envelope {
             ),
             None => (None, None, None),
         };
-        let (account, user) = if EventKind::of(&event).is_folded() {
+        // Ids are required of `accounts.*` events, the ones Argyle sends folded. A webhook named
+        // like one of the service's own API answers is logged and not folded, so it needs none.
+        let kind = EventKind::of(&event);
+        let (account, user) = if kind.is_folded() && !kind.speaks_for_argyle_api() {
             if data.is_none() {
                 return Err(EnvelopeError::InvalidPayload {
                     field: "data",

@@ -18,7 +18,9 @@ pub mod envelope;
 pub mod resource;
 pub mod snapshot;
 
-pub use envelope::{ACCOUNT_FETCHED, ACCOUNT_NOT_FOUND, Envelope, EnvelopeError, EventKind};
+pub use envelope::{
+    ACCOUNT_FETCHED, ACCOUNT_GONE, ACCOUNT_NOT_FOUND, Envelope, EnvelopeError, EventKind,
+};
 pub use resource::Resource;
 pub use snapshot::{
     AccountSnapshot, AccountStatus, FoldError, LoggedEvent, Origin, RawEvent, apply, step,

@@ -6,6 +6,7 @@
 //!   snapshot's; on a tie the snapshot stays; when either side has no parseable `updated_at`, the
 //!   resource applies in log order;
 //! - `accounts.removed` is terminal: later events count in `version` and `last_*`, nothing else;
+//!   a removal that reconcile confirmed with Argyle's API ([`crate::ACCOUNT_GONE`]) is one too;
 //! - `version` counts the distinct events folded (the log stores a redelivery as a delivery of the
 //!   original event, never as an event, so it cannot reach the fold);
 //! - an event the fold cannot apply (a `resource` that is not an object, an `updated_at` that is not a
@@ -187,7 +188,7 @@ pub fn apply(
         return Ok(Some(next));
     }
     next.user_id = user_id;
-    if kind == EventKind::AccountRemoved {
+    if kind.is_removal() {
         next.status = AccountStatus::Removed;
         next.removed_at = Some(event.received_at);
         return Ok(Some(next));
@@ -244,7 +245,7 @@ pub fn step(
         .map_err(|e| FoldError::BodyUnparseable(e.to_string()))?;
     // Only the service's own fetches speak for Argyle's API: a webhook that calls itself a fetch
     // is logged like any other unknown family, and not folded.
-    if envelope.kind() == EventKind::AccountFetched && event.origin == Origin::Webhook {
+    if envelope.kind().speaks_for_argyle_api() && event.origin == Origin::Webhook {
         return Ok(snapshot);
     }
     let logged = LoggedEvent {

@@ -1,4 +1,4 @@
-//! The enricher: when an `accounts.*` webhook arrives without `resource` (a subscription without
+//! Argyle's API into the log. The enricher: when an `accounts.*` webhook arrives without `resource` (a subscription without
 //! `include_resource`), it fetches `GET /v2/accounts/{id}` and appends the answer to the log as an
 //! event of its own, [`domain::ACCOUNT_FETCHED`], which the projector folds under the same
 //! newer-`updated_at` rule as a webhook. A rebuild therefore stays a pure fold of the log.
@@ -11,6 +11,8 @@
 //!   needs fetching (`store::enrichment`), moving the checkpoint in the same transaction.
 //! - [`fetch_due`]: fetches what is due, paced to `rate` per second, and for each answer appends
 //!   the event and completes the request in one transaction.
+//! - [`reconcile`]: compares Argyle's list of accounts with the log and appends what it lacks; the
+//!   `reconcile` command, and the leader every `reconcile_interval` if set.
 //!
 //! # Guarantees
 //! - No fetch lost: a request is recorded in the transaction that moves the scan checkpoint, and
@@ -22,6 +24,8 @@
 //!   and server errors are retried by the client, then again later with a growing delay.
 
 #![forbid(unsafe_code)]
+
+pub mod reconcile;
 
 use std::time::Duration;
 
@@ -37,6 +41,8 @@ use store::log::{AppendNotifications, Delivery, StoredEvent};
 use store::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+pub use reconcile::ReconcileConfig;
 
 /// How the enricher paces itself.
 #[derive(Debug, Clone)]
@@ -61,6 +67,10 @@ pub struct EnricherConfig {
     /// On shutdown, how long a fetch in flight may take to finish before it is abandoned (and
     /// done again after the restart).
     pub shutdown_grace: Duration,
+    /// Reconcile with Argyle this often (`RECONCILE_INTERVAL`); `None`, the default: never.
+    pub reconcile_interval: Option<Duration>,
+    /// How a reconcile paces and guards itself (the scheduled one and the command's).
+    pub reconcile: ReconcileConfig,
 }
 
 impl Default for EnricherConfig {
@@ -75,6 +85,8 @@ impl Default for EnricherConfig {
             max_backoff: Duration::from_secs(300),
             rate_limit_pause: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            reconcile_interval: None,
+            reconcile: ReconcileConfig::default(),
         }
     }
 }
@@ -111,7 +123,13 @@ async fn lead(
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
     let standing_by = || tracing::info!("another enricher is working; standing by");
-    let work = |conn| enrich(conn, pool, client, config, shutdown);
+    // The leader also reconciles on schedule, if asked to; both end with the leadership.
+    let work = |conn| async move {
+        tokio::select! {
+            done = enrich(conn, pool, client, config, shutdown) => done,
+            done = reconcile::on_schedule(pool, client, config, shutdown) => done,
+        }
+    };
     run_as_leader(
         pool,
         Lock::Enricher,
@@ -224,7 +242,13 @@ fn classify(stored: &StoredEvent) -> Option<Scanned> {
         {
             Some(Scanned::Asks(account, envelope.user?))
         }
-        EventKind::AccountRemoved => Some(Scanned::Removed(account)),
+        // A webhook that calls itself an API answer is not folded, so it removes nothing either.
+        kind if kind.is_removal()
+            && !(kind.speaks_for_argyle_api()
+                && stored.raw().origin == domain::Origin::Webhook) =>
+        {
+            Some(Scanned::Removed(account))
+        }
         _ => None,
     }
 }

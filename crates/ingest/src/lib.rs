@@ -238,21 +238,14 @@ async fn receive(
 
 /// Argyle's webhook body as the OpenAPI document describes it (the handler parses it with
 /// [`Envelope::parse`], keeping the bytes as received). Written out by hand because what ingest
-/// accepts depends on the event's name: an `accounts.*` event (or the enricher's
-/// `argyle.account_fetched`) needs `data` with UUID `account` and `user`; any other event needs only
-/// its name. Every other member may hold any JSON value: signed valid JSON is never refused for it.
+/// accepts depends on the event's name: an `accounts.*` event needs `data` with UUID `account`
+/// and `user`; any other event needs only its name. Every other member may hold any JSON value: signed valid JSON is never refused for it.
 struct WebhookBody;
 
 impl utoipa::PartialSchema for WebhookBody {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        let folded = format!(
-            "^(accounts\\.|{}$)",
-            domain::ACCOUNT_FETCHED.replace('.', "\\.")
-        );
-        let other = format!(
-            "^(?!accounts\\.|{}$)",
-            domain::ACCOUNT_FETCHED.replace('.', "\\.")
-        );
+        let folded = "^accounts\\.";
+        let other = "^(?!accounts\\.)";
         let uuid = serde_json::json!({"type": "string", "format": "uuid"});
         serde_json::from_value(serde_json::json!({
             "oneOf": [

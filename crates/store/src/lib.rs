@@ -41,6 +41,7 @@ pub mod locks;
 pub mod log;
 pub mod migrate;
 pub mod quarantine;
+pub mod reconcile;
 pub mod snapshots;
 
 use std::str::FromStr;

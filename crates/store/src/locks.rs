@@ -21,15 +21,18 @@ pub enum Lock {
     Rebuild,
     /// The one enricher that fetches from Argyle (others stand by).
     Enricher,
+    /// A running reconcile with Argyle, so two never compare and append at once.
+    Reconcile,
 }
 
 impl Lock {
     /// The advisory lock key.
     pub const fn key(self) -> i64 {
         match self {
-            Self::Leader => 0x4150_4c45_4144,   // "APLEAD"
-            Self::Rebuild => 0x4150_5245_4244,  // "APREBD"
-            Self::Enricher => 0x4150_454e_5243, // "APENRC"
+            Self::Leader => 0x4150_4c45_4144,    // "APLEAD"
+            Self::Rebuild => 0x4150_5245_4244,   // "APREBD"
+            Self::Enricher => 0x4150_454e_5243,  // "APENRC"
+            Self::Reconcile => 0x4150_5243_4e43, // "APRCNC"
         }
     }
 }

@@ -204,6 +204,24 @@ pub async fn read_after(
     .await?)
 }
 
+/// Every event of `accounts` with `position > after`, in log order, but those the database refused
+/// to fold (see [`NOT_REFUSED_BY_STORE`]).
+pub async fn read_accounts_after(
+    conn: &mut PgConnection,
+    accounts: &[Uuid],
+    after: i64,
+) -> Result<Vec<StoredEvent>> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT position, received_at, event, account_id, user_id, body, origin
+         FROM events WHERE account_id = ANY($1) AND position > $2 AND {NOT_REFUSED_BY_STORE}
+         ORDER BY position"
+    )))
+    .bind(accounts)
+    .bind(after)
+    .fetch_all(conn)
+    .await?)
+}
+
 /// The highest position in the log (0 when empty).
 pub async fn head(conn: &mut PgConnection) -> Result<i64> {
     Ok(

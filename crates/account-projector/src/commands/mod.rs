@@ -3,6 +3,7 @@
 mod export;
 mod migrate;
 mod rebuild;
+mod reconcile;
 mod serve;
 mod status;
 mod webhooks;
@@ -22,6 +23,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status => status::run(&database_url).await,
         Command::Export(args) => export::run(&database_url, args).await,
         Command::Webhooks(args) => webhooks::run(args).await,
+        Command::Reconcile(args) => reconcile::run(&database_url, args).await,
     }
 }
 

@@ -18,7 +18,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
 /// so before the listener is bound: a signal that finds the service listening always stops it
 /// gracefully, never by the signal's default action (an immediate exit that would drop the
 /// requests in flight).
-fn stop_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
+pub(crate) fn stop_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
     #[cfg(unix)]
     let stopped = {
         use tokio::signal::unix::{SignalKind, signal};

@@ -56,5 +56,49 @@ pub(crate) async fn run(database_url: &str) -> anyhow::Result<ExitCode> {
         "enricher:    scanned to {scanned} (lag {} events), {pending} fetch(es) pending",
         head - scanned
     );
+    let reconciling = store::locks::holder(&mut conn, store::locks::Lock::Reconcile).await?;
+    match store::reconcile::latest(&mut conn).await? {
+        None => println!("reconcile:   never run"),
+        Some(run) => {
+            let c = &run.counts;
+            let counts = format!(
+                "listed {}, new {}, newer at Argyle {}, unchanged {}, newer here {}",
+                c.listed, c.new, c.newer_at_argyle, c.unchanged, c.newer_here
+            );
+            let when = |t: chrono::DateTime<chrono::Utc>| {
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            };
+            match (run.state.as_str(), &reconciling) {
+                ("running", Some((name, _, pid))) => println!(
+                    "reconcile:   run {} running since {} ({name}, backend pid {pid}): page {}, {counts}",
+                    run.id,
+                    when(run.started_at),
+                    run.pages
+                ),
+                ("running", None) => println!(
+                    "reconcile:   run {} stopped after page {} at {} (the next run resumes it){}: {counts}",
+                    run.id,
+                    run.pages,
+                    when(run.updated_at),
+                    run.error
+                        .as_deref()
+                        .map(|e| format!("; last error: {e}"))
+                        .unwrap_or_default()
+                ),
+                (state, _) => println!(
+                    "reconcile:   run {} {state} at {} (started by {}): {counts}, missing at Argyle {}{}",
+                    run.id,
+                    run.finished_at.map(when).unwrap_or_default(),
+                    run.started_by,
+                    run.missing.unwrap_or(0),
+                    if run.removals > 0 {
+                        format!(", {} removal(s) confirmed", run.removals)
+                    } else {
+                        String::new()
+                    }
+                ),
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
