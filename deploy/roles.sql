@@ -29,13 +29,16 @@
 --                             UPDATE projector_checkpoints; EXECUTE append_fetched
 --   rebuild [--verify]        SELECT, INSERT, UPDATE, DELETE account_snapshots(_rebuild);
 --                             UPDATE projector_checkpoints; INSERT quarantine
+--   reconcile, and the enricher with RECONCILE_INTERVAL
+--                             SELECT events, account_snapshots, projector_checkpoints; SELECT,
+--                             INSERT, UPDATE, DELETE reconcile_runs, reconcile_listed (its own
+--                             bookkeeping, V13); EXECUTE append_fetched; advisory lock
 --   export, status            SELECT only
 --   migrate                   the owner; the service role may run it on a current schema (it
 --                             then does nothing) and is refused, with a sentence saying so, when
 --                             migrations are pending
---   reconcile, notifier, erasure, web pages (later versions): the migration that adds each
---                             extends grant_service_role() with exactly its tables: reconcile
---                             appends through append_fetched; the notifier reads the feed and
+--   notifier, erasure, web pages (later versions): the migration that adds each
+--                             extends grant_service_role() with exactly its tables: the notifier reads the feed and
 --                             writes its own subscriber and delivery tables; erasure destroys
 --                             account keys through a SECURITY DEFINER function of its own (the
 --                             log stays append-only); the pages read what the api role reads.

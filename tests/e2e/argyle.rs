@@ -516,6 +516,7 @@ async fn a_resource_less_webhook_gets_the_account_fetched_into_the_log_and_the_s
     assert_eq!(fetched.len(), 1);
     let payload = &fetched[0].1;
     assert_eq!(payload["fetched"]["status"], 200);
+    assert_eq!(payload["fetched"]["reason"], "enrichment");
     assert_eq!(payload["fetched"]["asked_by_position"], position);
     assert_eq!(payload["data"]["user"], USER);
     // Recorded as fetched, not received: no signature.

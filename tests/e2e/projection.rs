@@ -271,6 +271,7 @@ async fn the_sql_filter_of_folded_events_is_the_rust_rule() {
         "accounts.some_future_event",
         "accounts.",
         domain::ACCOUNT_FETCHED,
+        domain::ACCOUNT_GONE,
         domain::ACCOUNT_NOT_FOUND,
         "paystubs.added",
         "users.fully_synced",
@@ -305,7 +306,7 @@ async fn the_sql_filter_of_folded_events_is_the_rust_rule() {
     assert_eq!(by_sql, by_rust);
     assert_eq!(
         by_rust.len(),
-        8,
+        9,
         "both kinds of name are among the {} cases",
         names.len()
     );

@@ -609,7 +609,10 @@ async fn a_dry_run_appends_nothing_and_removals_need_a_404_and_pass_the_guard() 
             assert_eq!(view["last_event"], "argyle.account_removed");
         }
     }
-    // Removed accounts are no longer held as active: nothing is missing now.
+    // A rebuild folds the confirmed removals as the projector did.
+    let (code, stdout, stderr) = run_binary(&database_url, &["rebuild", "--verify"], &[]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // Removed accounts are no longer held as active.
     let (code, summary, _, stderr) = reconcile(&database_url, &server, &[]).await;
     assert_eq!(code, 0, "{stderr}");
     // Only the one GET found is left: held as active and still not listed.

@@ -342,3 +342,66 @@ async fn check_tells_a_wrong_base_url_from_a_missing_account() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn an_accounts_page_keeps_each_object_and_reports_entries_that_are_not_accounts() {
+    let server = MockServer::start().await;
+    let account = real("list_accounts.json")["results"][0].clone();
+    let next = format!("{}/v2/accounts?limit=200&cursor=abc", server.uri());
+    authed("GET", "/v2/accounts")
+        .and(query_param("limit", "200"))
+        .and(query_param("user", "018051aa-f7a9-a0db-2f38-6cfa325e9d69"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "next": next,
+            "previous": null,
+            "results": [account, 7, {"id": "not a uuid", "user": "x"}, {"user": account["user"]}]
+        })))
+        .mount(&server)
+        .await;
+    let client = client(&server);
+    let first = client.accounts_url(Some(
+        "018051aa-f7a9-a0db-2f38-6cfa325e9d69".parse().unwrap(),
+    ));
+    let page = client.list_accounts_page(&first).await.unwrap();
+    assert_eq!(page.accounts.len(), 1);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(page.accounts[0].object.get()).unwrap(),
+        account
+    );
+    assert_eq!(page.accounts[0].id.to_string(), account["id"].as_str().unwrap());
+    assert_eq!(page.unreadable.len(), 3, "{:?}", page.unreadable);
+    assert_eq!(page.next.as_ref().map(|u| u.as_str()), Some(next.as_str()));
+    // A kept page URL is accepted only on the API's own origin and path.
+    assert!(client.page_url(&next).is_ok());
+    assert!(client.page_url("https://evil.example/v2/accounts?cursor=abc").is_err());
+    assert!(client.page_url(&format!("{}/other?cursor=abc", server.uri())).is_err());
+}
+
+#[tokio::test]
+async fn an_accounts_page_that_is_not_a_page_or_leads_elsewhere_is_one_sentence() {
+    let server = MockServer::start().await;
+    let client = client(&server);
+    let cases = [
+        ResponseTemplate::new(200).set_body_raw("{\"results\": [", "application/json"),
+        ResponseTemplate::new(200).set_body_json(json!({"next": null})),
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"next": "https://evil.example/v2/accounts", "results": []})),
+        ResponseTemplate::new(200).set_body_raw(vec![b' '; 33 << 20], "application/json"),
+    ];
+    let mut ran = 0;
+    for answer in cases {
+        server.reset().await;
+        authed("GET", "/v2/accounts")
+            .respond_with(answer)
+            .mount(&server)
+            .await;
+        let error = client
+            .list_accounts_page(&client.accounts_url(None))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::UnexpectedAnswer { .. }), "{error}");
+        assert_eq!(error.to_string().lines().count(), 1);
+        ran += 1;
+    }
+    assert_eq!(ran, 4);
+}

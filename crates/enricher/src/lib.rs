@@ -385,6 +385,8 @@ fn fetched_event(request: &Request, resource: Option<&RawValue>, at: DateTime<Ut
     }
     #[derive(Serialize)]
     struct Fetched {
+        /// Why it was fetched: `enrichment` here, `reconcile` for [`reconcile`]'s.
+        reason: &'static str,
         request: String,
         status: u16,
         at: String,
@@ -403,6 +405,7 @@ fn fetched_event(request: &Request, resource: Option<&RawValue>, at: DateTime<Ut
             resource,
         },
         fetched: Fetched {
+            reason: "enrichment",
             request: format!("GET /v2/accounts/{}", request.account_id),
             status: if resource.is_some() { 200 } else { 404 },
             at: at.to_rfc3339_opts(SecondsFormat::Micros, true),

@@ -389,8 +389,11 @@ pub fn account_history(
 }
 
 /// The events the fold reads ([`domain::EventKind::is_folded`]): every `accounts.*` event
-/// and the enricher's [`domain::ACCOUNT_FETCHED`], bound as `$3`.
-const FOLDED: &str = "account_id IS NOT NULL AND (event LIKE 'accounts.%' OR event = $3)";
+/// and the service's own folded answers of Argyle's API ([`FOLDED_API_ANSWERS`]), bound as `$3`.
+const FOLDED: &str = "account_id IS NOT NULL AND (event LIKE 'accounts.%' OR event = ANY($3))";
+
+/// The names of the API answers the fold reads, besides `accounts.*`.
+const FOLDED_API_ANSWERS: [&str; 2] = [domain::ACCOUNT_FETCHED, domain::ACCOUNT_GONE];
 
 /// Every folded event up to `up_to` (or only `account`'s), streamed ordered by account and then
 /// position, so a rebuild can fold one account at a time in constant memory.
@@ -408,7 +411,7 @@ pub fn account_events_by_account(
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(up_to)
         .bind(account)
-        .bind(domain::ACCOUNT_FETCHED)
+        .bind(&FOLDED_API_ANSWERS[..])
         .fetch(conn)
         .map(|row| row.map_err(Into::into))
         .boxed()
@@ -427,7 +430,7 @@ pub async fn count_account_events(
     )))
     .bind(up_to)
     .bind(account)
-    .bind(domain::ACCOUNT_FETCHED)
+    .bind(&FOLDED_API_ANSWERS[..])
     .fetch_one(conn)
     .await?)
 }
