@@ -368,13 +368,24 @@ async fn an_accounts_page_keeps_each_object_and_reports_entries_that_are_not_acc
         serde_json::from_str::<serde_json::Value>(page.accounts[0].object.get()).unwrap(),
         account
     );
-    assert_eq!(page.accounts[0].id.to_string(), account["id"].as_str().unwrap());
+    assert_eq!(
+        page.accounts[0].id.to_string(),
+        account["id"].as_str().unwrap()
+    );
     assert_eq!(page.unreadable.len(), 3, "{:?}", page.unreadable);
     assert_eq!(page.next.as_ref().map(|u| u.as_str()), Some(next.as_str()));
     // A kept page URL is accepted only on the API's own origin and path.
     assert!(client.page_url(&next).is_ok());
-    assert!(client.page_url("https://evil.example/v2/accounts?cursor=abc").is_err());
-    assert!(client.page_url(&format!("{}/other?cursor=abc", server.uri())).is_err());
+    assert!(
+        client
+            .page_url("https://evil.example/v2/accounts?cursor=abc")
+            .is_err()
+    );
+    assert!(
+        client
+            .page_url(&format!("{}/other?cursor=abc", server.uri()))
+            .is_err()
+    );
 }
 
 #[tokio::test]
