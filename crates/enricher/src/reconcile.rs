@@ -42,8 +42,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Runs [`run`] every `config.reconcile_interval` (never if `None`) until `shutdown`, as the
-/// enricher's leader. A run stopped or failed is resumed after [`RETRY_AFTER_FAILURE`] (or the
-/// interval, if shorter); the first run starts at once when none ever finished. Argyle's errors are
+/// enricher's leader. A run that was stopped (a restart) is resumed at once; after a failure the
+/// schedule tries again after [`RETRY_AFTER_FAILURE`] (or the interval, if shorter), resuming
+/// the run if Argyle's trouble was transient; the first run starts at once when none ever ran. Argyle's errors are
 /// logged and retried; a database error ends this, and the leadership with it.
 pub async fn on_schedule(
     pool: &store::PgPool,
@@ -58,25 +59,31 @@ pub async fn on_schedule(
     tracing::info!(every = ?every, rate = config.reconcile.rate, "reconciling with Argyle on schedule");
     let client = client.clone().with_retry(RETRY);
     loop {
-        // A session of its own, closed after each run: its lock must not outlive the run in a pool.
-        let mut conn = store::acquire(pool).await?.detach();
-        let latest = runs::latest(&mut conn).await?;
+        let retry = RETRY_AFTER_FAILURE.min(every);
+        let latest = {
+            let mut conn = store::acquire(pool).await?;
+            runs::latest(&mut conn).await?
+        };
         let due = match &latest {
             None => Utc::now(),
-            Some(run) if run.state == "running" => run.updated_at + RETRY_AFTER_FAILURE.min(every),
+            // Stopped (a restart, or Argyle failing for a while): resume it.
+            Some(run) if run.state == "running" => Utc::now(),
+            Some(run) if run.state == "failed" => run.finished_at.unwrap_or(run.updated_at) + retry,
             Some(run) => run.started_at + every,
         };
         let wait = (due - Utc::now()).to_std().unwrap_or_default();
         metrics::gauge!("reconcile_next_run_seconds").set(wait.as_secs_f64());
         tokio::select! {
-            () = shutdown.cancelled() => return store::close(conn).await,
+            () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
         let request = Request {
             started_by: "schedule",
             ..Request::default()
         };
-        match run(
+        // A session of its own, closed after the run: its lock must not outlive the run in a pool.
+        let mut conn = store::acquire(pool).await?.detach();
+        let outcome = run(
             &mut conn,
             &client,
             &config.reconcile,
@@ -84,22 +91,22 @@ pub async fn on_schedule(
             &Progress,
             shutdown,
         )
-        .await
-        {
-            Ok(_) => {}
+        .await;
+        store::close(conn).await?;
+        match outcome {
+            Ok(_) => continue,
             Err(Error::Store(error)) => return Err(error),
             Err(Error::Busy(holder)) => {
                 tracing::info!(%holder, "a reconcile is already running; the schedule waits for it");
-                tokio::select! {
-                    () = shutdown.cancelled() => return store::close(conn).await,
-                    () = tokio::time::sleep(RETRY_AFTER_FAILURE.min(every)) => {}
-                }
             }
             Err(error) => {
-                tracing::error!(%error, retry_in = ?RETRY_AFTER_FAILURE.min(every), "scheduled reconcile failed; it resumes later");
+                tracing::error!(%error, retry_in = ?retry, "scheduled reconcile failed; it is tried again later");
             }
         }
-        store::close(conn).await?;
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(retry) => {}
+        }
     }
 }
 

@@ -314,7 +314,7 @@ pub async fn add_counts(conn: &mut PgConnection, run_id: i64, counts: Counts) ->
 
 /// Records a failed attempt of a run that stays resumable (Argyle unreachable, say).
 pub async fn note_error(conn: &mut PgConnection, run_id: i64, error: &str) -> Result<()> {
-    sqlx::query("UPDATE reconcile_runs SET error = $2 WHERE id = $1")
+    sqlx::query("UPDATE reconcile_runs SET error = $2, updated_at = now() WHERE id = $1")
         .bind(run_id)
         .bind(error)
         .execute(conn)
