@@ -30,9 +30,10 @@
 --   rebuild [--verify]        SELECT, INSERT, UPDATE, DELETE account_snapshots(_rebuild);
 --                             UPDATE projector_checkpoints; INSERT quarantine
 --   reconcile, and the enricher with RECONCILE_INTERVAL
---                             SELECT events, account_snapshots, projector_checkpoints; SELECT,
---                             INSERT, UPDATE, DELETE reconcile_runs, reconcile_listed (its own
---                             bookkeeping, V13); EXECUTE append_fetched; advisory lock
+--                             SELECT events, quarantine, account_snapshots,
+--                             projector_checkpoints; SELECT, INSERT, UPDATE reconcile_runs and
+--                             SELECT, INSERT, DELETE reconcile_listed (its own bookkeeping, V13);
+--                             EXECUTE append_fetched; advisory lock
 --   export, status            SELECT only
 --   migrate                   the owner; the service role may run it on a current schema (it
 --                             then does nothing) and is refused, with a sentence saying so, when

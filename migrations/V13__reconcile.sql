@@ -105,8 +105,8 @@ BEGIN
     -- The enricher's queue of fetches.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON enrichment_requests TO %I', service);
     -- Reconcile's runs and what each listed (its own bookkeeping, not the log).
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON reconcile_runs, reconcile_listed
-                      TO %I', service);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON reconcile_runs TO %I', service);
+    EXECUTE format('GRANT SELECT, INSERT, DELETE ON reconcile_listed TO %I', service);
     -- /readyz and `serve` check that every migration is applied.
     EXECUTE format('GRANT SELECT ON refinery_schema_history TO %I', service);
 END;

@@ -12,7 +12,7 @@ use enricher::reconcile::ReconcileConfig;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
-use wiremock::matchers::{basic_auth, method, path, path_regex, query_param};
+use wiremock::matchers::{basic_auth, method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use crate::argyle::{KEY_ID, KEY_SECRET};
@@ -59,8 +59,8 @@ struct State {
     also_gettable: Vec<Value>,
     /// Answers given once, instead of the page at that offset.
     failures: Vec<(usize, ResponseTemplate)>,
-    /// The offset of every list request, failures included.
-    requests: Vec<usize>,
+    /// The offset of every list request, failures included, and when it arrived.
+    requests: Vec<(usize, std::time::Instant)>,
     /// The server's own URL, for `next`.
     base: String,
     /// Before serving this offset, say so and wait to be released.
@@ -82,7 +82,6 @@ impl FakeArgyle {
         self.0.lock().unwrap().base = server.uri();
         Mock::given(method("GET"))
             .and(path("/v2/accounts"))
-            .and(query_param("limit", "200"))
             .and(basic_auth(KEY_ID, KEY_SECRET))
             .respond_with(ListPage(self.clone()))
             .mount(&server)
@@ -106,7 +105,33 @@ impl FakeArgyle {
     }
 
     fn requests(&self) -> Vec<usize> {
-        self.0.lock().unwrap().requests.clone()
+        self.0
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .map(|r| r.0)
+            .collect()
+    }
+
+    /// When each request for `offset` arrived.
+    fn arrivals(&self, offset: usize) -> Vec<std::time::Instant> {
+        let state = self.0.lock().unwrap();
+        state
+            .requests
+            .iter()
+            .filter(|r| r.0 == offset)
+            .map(|r| r.1)
+            .collect()
+    }
+
+    /// Holds the answer for `offset` back until the returned sender is used; the receiver hears
+    /// when the request arrived.
+    fn hold(&self, offset: usize) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (arrived_tx, arrived) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        self.0.lock().unwrap().gate = Some((offset, arrived_tx, release_rx));
+        (arrived, release)
     }
 
     fn fail_once(&self, offset: usize, answer: ResponseTemplate) {
@@ -120,6 +145,13 @@ impl Respond for ListPage {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let query: HashMap<String, String> = request.url.query_pairs().into_owned().collect();
         let offset: usize = query.get("cursor").map_or(0, |c| c.parse().unwrap());
+        let limit: usize = query.get("limit").map_or(200, |l| l.parse().unwrap());
+        if limit != 200 {
+            // The check of the URL and key (`limit=1`), not a page of the listing.
+            let state = self.0.0.lock().unwrap();
+            let page = json!({"next": null, "previous": null, "results": &state.listed[..limit.min(state.listed.len())]});
+            return ResponseTemplate::new(200).set_body_json(page);
+        }
         let user: Option<Uuid> = query.get("user").map(|u| u.parse().unwrap());
         let gate = {
             let mut state = self.0.0.lock().unwrap();
@@ -133,7 +165,7 @@ impl Respond for ListPage {
             release.recv_timeout(PATIENCE).unwrap();
         }
         let mut state = self.0.0.lock().unwrap();
-        state.requests.push(offset);
+        state.requests.push((offset, std::time::Instant::now()));
         if let Some(i) = state.failures.iter().position(|(at, _)| *at == offset) {
             return state.failures.remove(i).1;
         }
@@ -294,6 +326,16 @@ async fn a_backfill_of_2000_accounts_over_10_pages_appends_each_once_and_a_secon
     assert_eq!(count(&summary, "unchanged"), 2_001);
     assert_eq!(count(&summary, "missing at Argyle"), 0);
     assert_eq!(head(&pool).await, head_after_first);
+
+    // Another ARGYLE_API_URL than the last full run's is refused unless forced.
+    let elsewhere = FakeArgyle::with(many_accounts(3)).serve().await;
+    let (code, _, _, stderr) = reconcile(&database_url, &elsewhere, &[]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("pass --force"), "{stderr}");
+    assert_eq!(head(&pool).await, head_after_first);
+    let (code, summary, _, stderr) = reconcile(&database_url, &elsewhere, &["--force"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(count(&summary, "new"), 3);
     app.stop().await;
 }
 
@@ -305,7 +347,6 @@ async fn the_real_listing_is_logged_byte_for_byte_with_the_reason() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/v2/accounts"))
-        .and(query_param("limit", "200"))
         .and(basic_auth(KEY_ID, KEY_SECRET))
         .respond_with(ResponseTemplate::new(200).set_body_raw(raw.clone(), "application/json"))
         .mount(&server)
@@ -360,9 +401,7 @@ async fn a_mix_of_drift_is_sorted_out_and_a_webhook_during_the_run_wins() {
     listed.extend(many_accounts(195));
     listed.push(argyle_account(raced_later, user, 30));
     let fake = FakeArgyle::with(listed.clone());
-    let (arrived_tx, arrived) = mpsc::channel();
-    let (release, release_rx) = mpsc::channel();
-    fake.0.lock().unwrap().gate = Some((200, arrived_tx, release_rx));
+    let (arrived, release) = fake.hold(200);
     let server = fake.serve().await;
     app.wait_for_projection().await;
 
@@ -441,19 +480,22 @@ async fn rate_limits_and_server_errors_are_retried_without_skipping_or_doubling(
     fake.fail_once(
         400,
         ResponseTemplate::new(429)
-            .insert_header("Retry-After", "1")
+            .insert_header("Retry-After", "3")
             .set_body_json(json!({"detail": "Request was throttled."})),
     );
     fake.fail_once(800, ResponseTemplate::new(503));
     let server = fake.serve().await;
     let database_url = migrated_database().await;
     let pool = PgPool::connect_lazy(&database_url).unwrap();
-    let started = std::time::Instant::now();
     let (code, summary, _, stderr) = reconcile(&database_url, &server, &[]).await;
     assert_eq!(code, 0, "{stderr}");
+    // The first backoff is 1 s: only Retry-After makes the second try wait 3 s.
+    let tries = fake.arrivals(400);
+    assert_eq!(tries.len(), 2);
     assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "Retry-After was not honoured"
+        tries[1] - tries[0] >= Duration::from_secs(3),
+        "Retry-After was not honoured: {:?}",
+        tries[1] - tries[0]
     );
     assert_eq!(count(&summary, "new"), 1_000);
     assert_eq!(fake.requests(), [0, 200, 400, 400, 600, 800, 800]);
@@ -469,9 +511,11 @@ async fn killed_half_way_the_next_run_resumes_after_the_last_page_it_committed()
     let server = fake.serve().await;
     let database_url = migrated_database().await;
     let pool = PgPool::connect_lazy(&database_url).unwrap();
+    // Page 4 is held back: the run is killed while it waits for it, after 3 committed pages.
+    let (arrived, release) = fake.hold(600);
     let env = argyle_env(&server);
     let mut child = tokio::process::Command::new(binary())
-        .args(["reconcile", "--rate", "4"])
+        .args(["reconcile", "--rate", "500"])
         .env("DATABASE_URL", &database_url)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("RUST_LOG", "warn")
@@ -479,21 +523,18 @@ async fn killed_half_way_the_next_run_resumes_after_the_last_page_it_committed()
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let pages_at_kill: i32 = poll_for("three pages are committed", || async {
-        let pages: Option<i32> = sqlx::query_scalar("SELECT pages FROM reconcile_runs")
-            .fetch_optional(&pool)
-            .await
-            .unwrap();
-        pages.filter(|&p| p >= 3)
-    })
-    .await;
+    tokio::task::spawn_blocking(move || arrived.recv_timeout(PATIENCE).unwrap())
+        .await
+        .unwrap();
     child.start_kill().unwrap();
     child.wait().await.unwrap();
+    release.send(()).unwrap();
     let committed: i32 = sqlx::query_scalar("SELECT pages FROM reconcile_runs")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert!(committed >= pages_at_kill);
+    assert_eq!(committed, 3);
+    assert_eq!(fetched_per_account(&pool).await.len(), 600);
     let requests_before = fake.requests().len();
 
     let (code, summary, stdout, stderr) = reconcile(&database_url, &server, &[]).await;
@@ -716,7 +757,21 @@ async fn the_enricher_reconciles_on_schedule_with_status_and_metrics() {
     .await;
     app.wait_for_projection().await;
     assert_snapshots_are(&app.pool, &accounts).await;
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    // The run's metrics are recorded just after its end is; then the schedule waits an hour.
+    let metrics = poll_for("the run's metrics", || async {
+        let metrics = app.get("/metrics").await.text().await.unwrap();
+        metrics
+            .contains("reconcile_next_run_seconds")
+            .then_some(metrics)
+    })
+    .await;
+    let next_run: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("reconcile_next_run_seconds "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3_500.0..=3_600.0).contains(&next_run), "{next_run}");
     assert!(
         metrics.contains("reconcile_runs_total{outcome=\"finished\"} 1"),
         "{metrics}"
@@ -734,5 +789,60 @@ async fn the_enricher_reconciles_on_schedule_with_status_and_metrics() {
     assert!(stdout.contains("new 450"), "{stdout}");
     // The next run is an hour away: nothing else is listed meanwhile.
     assert_eq!(fake.requests(), [0, 200, 400]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_removal_under_the_guard_needs_no_force_and_is_confirmed_once_whatever_the_projector() {
+    let database_url = migrated_database().await;
+    let app = service_on(&database_url).await;
+    let user = Uuid::new_v4();
+    let held: Vec<Value> = (0..20)
+        .map(|i| argyle_account(Uuid::new_v4(), user, i))
+        .collect();
+    for account in &held {
+        app.deliver(&webhook(account)).await;
+    }
+    // A webhook that names itself a confirmed removal is logged, and removes nothing.
+    let forged = serde_json::to_vec(&json!({
+        "event": "argyle.account_removed",
+        "data": {"account": held[0]["id"], "user": user}
+    }))
+    .unwrap();
+    app.deliver(&forged).await;
+    app.wait_for_projection().await;
+    assert_eq!(
+        app.account_view(held[0]["id"].as_str().unwrap()).await["status"],
+        "active"
+    );
+    app.stop().await;
+
+    // Argyle lists 19 of the 20 (5% missing, under the 10% guard). The projector is stopped.
+    let fake = FakeArgyle::with(held[..19].to_vec());
+    let server = fake.serve().await;
+    let (code, summary, _, stderr) =
+        reconcile(&database_url, &server, &["--confirm-removals"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(count(&summary, "removals confirmed"), 1);
+    // The removal is in the log, not yet folded: a second run confirms nothing again.
+    let (code, summary, _, stderr) =
+        reconcile(&database_url, &server, &["--confirm-removals"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(summary.get("removals confirmed"), None, "{summary:?}");
+    assert_eq!(count(&summary, "missing at Argyle"), 0);
+    let pool = PgPool::connect_lazy(&database_url).unwrap();
+    let removals: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event = 'argyle.account_removed' AND origin = 'argyle_api'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(removals, 1);
+    let app = service_on(&database_url).await;
+    app.wait_for_projection().await;
+    assert_eq!(
+        app.account_view(held[19]["id"].as_str().unwrap()).await["status"],
+        "removed"
+    );
     app.stop().await;
 }

@@ -188,9 +188,10 @@ pub(crate) struct ReconcileArgs {
     #[arg(long)]
     pub(crate) confirm_removals: bool,
 
-    /// Confirm removals even when more than --max-missing-share of the accounts are missing
-    /// (which is what an API key or URL of another environment looks like).
-    #[arg(long, requires = "confirm_removals")]
+    /// Go past the guards against another environment's key or URL: confirm removals even when
+    /// more than --max-missing-share of the accounts are missing, and list an ARGYLE_API_URL
+    /// other than the last full reconcile's.
+    #[arg(long)]
     pub(crate) force: bool,
 
     /// Removals are refused when a larger share (0 to 1) of the accounts held as active is

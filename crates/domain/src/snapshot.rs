@@ -248,6 +248,11 @@ pub fn step(
     if envelope.kind().speaks_for_argyle_api() && event.origin == Origin::Webhook {
         return Ok(snapshot);
     }
+    // Removals confirmed with Argyle's API came with the log's origins (V13): one from before
+    // could only have been a webhook.
+    if envelope.kind() == EventKind::AccountGone && event.origin != Origin::ArgyleApi {
+        return Ok(snapshot);
+    }
     let logged = LoggedEvent {
         position: event.position,
         received_at: event.received_at,

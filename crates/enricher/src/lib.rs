@@ -127,7 +127,8 @@ async fn lead(
     let work = |conn| async move {
         tokio::select! {
             done = enrich(conn, pool, client, config, shutdown) => done,
-            done = reconcile::on_schedule(pool, client, config, shutdown) => done,
+            // Only its error ends the leadership: at shutdown it stops and `enrich` finishes.
+            Err(error) = reconcile::on_schedule(pool, client, config, shutdown) => Err(error),
         }
     };
     run_as_leader(

@@ -37,7 +37,7 @@ use serde_json::value::RawValue;
 use store::PgConnection;
 use store::locks::{self, Lock};
 use store::log::Delivery;
-use store::reconcile::{self as runs, Counts, Outcome, Run, Scope};
+use store::reconcile::{self as runs, Counts, Known, Outcome, Run, Scope};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -62,7 +62,7 @@ pub async fn on_schedule(
         let retry = RETRY_AFTER_FAILURE.min(every);
         let latest = {
             let mut conn = store::acquire(pool).await?;
-            runs::latest(&mut conn).await?
+            runs::latest(&mut conn, true).await?
         };
         let due = match &latest {
             None => Utc::now(),
@@ -83,6 +83,8 @@ pub async fn on_schedule(
         };
         // A session of its own, closed after the run: its lock must not outlive the run in a pool.
         let mut conn = store::acquire(pool).await?.detach();
+        // A long run's queries (the missing accounts of a large base) are not request queries.
+        sqlx_free_timeout(&mut conn).await?;
         let outcome = run(
             &mut conn,
             &client,
@@ -95,7 +97,6 @@ pub async fn on_schedule(
         store::close(conn).await?;
         match outcome {
             Ok(_) => continue,
-            Err(Error::Store(error)) => return Err(error),
             Err(Error::Busy(holder)) => {
                 tracing::info!(%holder, "a reconcile is already running; the schedule waits for it");
             }
@@ -108,6 +109,11 @@ pub async fn on_schedule(
             () = tokio::time::sleep(retry) => {}
         }
     }
+}
+
+/// Lifts the pool's statement timeout on a session of its own.
+async fn sqlx_free_timeout(conn: &mut PgConnection) -> store::Result<()> {
+    store::set_statement_timeout(conn, Duration::ZERO).await
 }
 
 /// A reconcile's patience with Argyle: a page is worth waiting for (429 and 5xx, honouring
@@ -224,6 +230,11 @@ impl Report {
 pub enum Error {
     #[error("another reconcile is running ({0}); wait for it to finish")]
     Busy(String),
+    #[error(
+        "the last reconcile listed {previous} and this one would list {now}: if this is the \
+         environment whose webhooks this service receives, pass --force"
+    )]
+    OtherEnvironment { previous: String, now: String },
     #[error(transparent)]
     Argyle(#[from] argyle::Error),
     #[error(transparent)]
@@ -329,7 +340,14 @@ async fn run_locked(
     };
     if !request.dry_run {
         // Stopped runs not resumed now never will be (a dry run leaves them be).
-        runs::abandon_others(conn, resumed.as_ref().map(|r| r.id)).await?;
+        runs::abandon_others(
+            conn,
+            resumed.as_ref().map(|r| r.id),
+            &api_url,
+            request.scope,
+            config.resume_within,
+        )
+        .await?;
     }
     let run = match resumed {
         Some(run) => {
@@ -352,6 +370,27 @@ async fn run_locked(
             .await?
         }
     };
+    // A wrong URL must not pass for accounts that do not exist (a 404 would confirm removals).
+    if let Err(error) = client.check().await {
+        return Err(failed(conn, &run, request, error.into()).await);
+    }
+    // Another environment's key and URL would append that environment's accounts for good.
+    if let Some(previous) = runs::last_finished_api_url(conn).await?
+        && previous != api_url
+        && !request.force
+        && !request.dry_run
+    {
+        let outcome = Outcome {
+            state: "refused",
+            error: Some(format!("ARGYLE_API_URL changed from {previous}")),
+            ..Outcome::default()
+        };
+        runs::finish(conn, run.id, &outcome).await?;
+        return Err(Error::OtherEnvironment {
+            previous,
+            now: api_url,
+        });
+    }
     let resumed_from_page = (run.pages > 0 || run.listing_done).then_some(run.pages);
     let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate.max(0.001)));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -400,22 +439,7 @@ async fn run_locked(
             }
             return Ok(report);
         }
-        Err(error) => {
-            let text = error.to_string();
-            if request.dry_run {
-                let outcome = Outcome {
-                    state: "failed",
-                    error: Some(text),
-                    ..Outcome::default()
-                };
-                runs::finish(conn, run.id, &outcome).await?;
-            } else {
-                // Stays `running`: the next run resumes after the last committed page.
-                runs::note_error(conn, run.id, &text).await?;
-            }
-            metrics::counter!("reconcile_runs_total", "outcome" => "failed").increment(1);
-            return Err(error);
-        }
+        Err(error) => return Err(failed(conn, &run, request, error).await),
     }
     report.held_active = runs::held_active(conn, request.scope, run.started_at).await?;
     report.missing = report_missing(conn, &run, request.scope, observer).await?;
@@ -454,11 +478,7 @@ async fn run_locked(
                     report.interrupted = true;
                     return Ok(report);
                 }
-                Err(error) => {
-                    runs::note_error(conn, run.id, &error.to_string()).await?;
-                    metrics::counter!("reconcile_runs_total", "outcome" => "failed").increment(1);
-                    return Err(error);
-                }
+                Err(error) => return Err(failed(conn, &run, request, error).await),
             }
         }
     }
@@ -492,6 +512,31 @@ async fn run_locked(
         "reconcile finished"
     );
     Ok(report)
+}
+
+/// Records a run that failed, and returns its error. Argyle's transient trouble (429, 5xx,
+/// unreachable) leaves it `running`, so the next run resumes after its last committed page;
+/// anything else (a refused key, a cursor Argyle no longer takes, an answer that is not a page)
+/// would meet the same error again, so the run is `failed` and the next one starts over,
+/// appending nothing twice since it compares with the log.
+async fn failed(conn: &mut PgConnection, run: &Run, request: Request, error: Error) -> Error {
+    metrics::counter!("reconcile_runs_total", "outcome" => "failed").increment(1);
+    let text = error.to_string();
+    let transient = matches!(&error, Error::Argyle(e) if e.is_transient());
+    let recorded = if transient && !request.dry_run {
+        runs::note_error(conn, run.id, &text).await
+    } else {
+        let outcome = Outcome {
+            state: "failed",
+            error: Some(text),
+            ..Outcome::default()
+        };
+        runs::finish(conn, run.id, &outcome).await
+    };
+    if let Err(store_error) = recorded {
+        tracing::warn!(%store_error, "could not record the failed reconcile");
+    }
+    error
 }
 
 fn record_metrics(report: &Report, outcome: &'static str) {
@@ -561,12 +606,12 @@ async fn list(
         }
         let at = Utc::now();
         let request_line = format!("GET {}", path_and_query(&url));
-        let mut counts = Counts {
+        let unreadable = Counts {
             listed: page.unreadable.len() as i64,
             unreadable: page.unreadable.len() as i64,
             ..Counts::default()
         };
-        counts += commit_page(
+        let counts = commit_page(
             conn,
             run,
             request.dry_run,
@@ -574,6 +619,7 @@ async fn list(
             &request_line,
             at,
             Some(page.next.as_ref().map(Url::as_str)),
+            unreadable,
         )
         .await?;
         report.pages += 1;
@@ -603,21 +649,24 @@ async fn list_one(
         () = shutdown.cancelled() => return Ok(false),
         _ = pace.tick() => {}
     }
-    let object = client.get_account(account).await?;
+    let object = tokio::select! {
+        () = shutdown.cancelled() => return Ok(false),
+        object = client.get_account(account) => object?,
+    };
     let mut accounts = vec![];
-    let mut counts = Counts::default();
+    let mut unreadable = Counts::default();
     if let Some(object) = object {
         match listed_account(object) {
             Some(listed) if listed.id == account => accounts.push(listed),
             _ => {
                 tracing::warn!(%account, "Argyle's answer is not this account with a UUID user");
-                counts.listed += 1;
-                counts.unreadable += 1;
+                unreadable.listed += 1;
+                unreadable.unreadable += 1;
             }
         }
     }
     let request_line = format!("GET /v2/accounts/{account}");
-    counts += commit_page(
+    let counts = commit_page(
         conn,
         run,
         request.dry_run,
@@ -625,6 +674,7 @@ async fn list_one(
         &request_line,
         Utc::now(),
         Some(None),
+        unreadable,
     )
     .await?;
     report.pages += 1;
@@ -657,6 +707,7 @@ async fn commit_page(
     request_line: &str,
     at: DateTime<Utc>,
     next: Option<Option<&str>>,
+    extra: Counts,
 ) -> Result<Counts, Error> {
     // A page that lists an account twice: the newest object counts.
     let mut by_id: HashMap<Uuid, (ListedAccount, Resource)> =
@@ -675,27 +726,14 @@ async fn commit_page(
             }
         }
     }
-    let (snapshots, events) = runs::known(conn, &order).await?;
-    let mut known: HashMap<Uuid, Option<AccountSnapshot>> = snapshots
-        .into_iter()
-        .map(|s| (s.account_id, Some(s)))
-        .collect();
-    for event in &events {
-        let Some(account) = event.account_id else {
-            continue;
-        };
-        let slot = known.entry(account).or_insert(None);
-        // The projector's own step: what it cannot fold it leaves out, and so do we.
-        if let Ok(next) = domain::step(slot.clone(), event.raw()) {
-            *slot = next;
-        }
-    }
+    let known = folded(conn, &order).await?;
     let mut tx = store::begin(conn).await?;
     let first_time: HashSet<Uuid> = runs::mark_listed(&mut tx, run.id, &order)
         .await?
         .into_iter()
         .collect();
-    let mut counts = Counts::default();
+    // What the caller counted already (entries of the page that are not accounts).
+    let mut counts = extra;
     let mut deliveries = vec![];
     for id in &order {
         if !first_time.contains(id) {
@@ -730,6 +768,51 @@ async fn commit_page(
     Ok(counts)
 }
 
+/// The accounts as the log holds them: each snapshot with every later event of it folded on
+/// (`None`: no event of it folds).
+async fn folded(
+    conn: &mut PgConnection,
+    accounts: &[Uuid],
+) -> Result<HashMap<Uuid, Option<AccountSnapshot>>, Error> {
+    let mut known: HashMap<Uuid, Option<AccountSnapshot>> = HashMap::with_capacity(accounts.len());
+    runs::known(conn, accounts, |item| match item {
+        Known::Snapshot(snapshot) => {
+            known.insert(snapshot.account_id, Some(snapshot));
+        }
+        Known::Event(event) => {
+            let Some(account) = event.account_id else {
+                return;
+            };
+            let slot = known.entry(account).or_insert(None);
+            // The projector's own step: what it cannot fold it leaves out, and so do we.
+            if let Ok(next) = domain::step(slot.clone(), event.raw()) {
+                *slot = next;
+            }
+        }
+    })
+    .await?;
+    Ok(known)
+}
+
+/// Of `candidates` (held as active by their snapshots), those the log still holds as active: a
+/// removal the projector has not folded yet counts.
+async fn still_active(
+    conn: &mut PgConnection,
+    candidates: Vec<(Uuid, Uuid)>,
+) -> Result<Vec<(Uuid, Uuid)>, Error> {
+    let ids: Vec<Uuid> = candidates.iter().map(|c| c.0).collect();
+    let known = folded(conn, &ids).await?;
+    Ok(candidates
+        .into_iter()
+        .filter(|(id, _)| {
+            known
+                .get(id)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.status == AccountStatus::Active)
+        })
+        .collect())
+}
+
 /// How many missing accounts the log names one by one.
 const LOGGED_MISSING: i64 = 100;
 
@@ -754,7 +837,7 @@ async fn report_missing(
             }
             return Ok(missing);
         };
-        for &(account, user) in &page {
+        for &(account, user) in &still_active(conn, page).await? {
             // Every id goes to the observer; the log names the first ones and counts the rest.
             if missing < LOGGED_MISSING {
                 tracing::warn!(%account, %user, "held as active here, not listed by Argyle");
@@ -786,13 +869,18 @@ async fn confirm_removals(
         let Some(&(last, _)) = page.last() else {
             return Ok(true);
         };
-        for (account, user) in page {
+        // A removal appended by an earlier (stopped or repeated) run but not folded yet counts.
+        for (account, user) in still_active(conn, page).await? {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(false),
                 _ = pace.tick() => {}
             }
             let request_line = format!("GET /v2/accounts/{account}");
-            match client.get_account(account).await? {
+            let answer = tokio::select! {
+                () = shutdown.cancelled() => return Ok(false),
+                answer = client.get_account(account) => answer?,
+            };
+            match answer {
                 Some(object) => {
                     tracing::info!(%account, "not listed, but Argyle has it: compared as listed");
                     if let Some(listed) = listed_account(object).filter(|l| l.id == account) {
@@ -804,6 +892,7 @@ async fn confirm_removals(
                             &request_line,
                             Utc::now(),
                             None,
+                            Counts::default(),
                         )
                         .await?;
                         report.counts += counts;
@@ -819,6 +908,7 @@ async fn confirm_removals(
                         Duration::ZERO,
                     )
                     .await?;
+                    runs::add_removal(&mut tx, run.id).await?;
                     store::commit(tx).await?;
                     tracing::info!(%account, "Argyle answers 404: removal recorded");
                     report.removals += 1;

@@ -353,6 +353,16 @@ pub async fn commit(tx: Transaction<'_, Postgres>) -> Result<()> {
     Ok(tx.commit().await?)
 }
 
+/// Sets this session's statement timeout (`Duration::ZERO`: none), e.g. on a session taken from
+/// a pool of request-sized timeouts for long work.
+pub async fn set_statement_timeout(conn: &mut PgConnection, timeout: Duration) -> Result<()> {
+    sqlx::query("SELECT set_config('statement_timeout', $1, false)")
+        .bind(timeout.as_millis().to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Rolls a transaction back.
 pub async fn rollback(tx: Transaction<'_, Postgres>) -> Result<()> {
     Ok(tx.rollback().await?)

@@ -204,22 +204,23 @@ pub async fn read_after(
     .await?)
 }
 
-/// Every event of `accounts` with `position > after`, in log order, but those the database refused
-/// to fold (see [`NOT_REFUSED_BY_STORE`]).
-pub async fn read_accounts_after(
-    conn: &mut PgConnection,
-    accounts: &[Uuid],
+/// Every event of `accounts` with `position > after`, in log order, streamed, but those the
+/// database refused to fold (see [`NOT_REFUSED_BY_STORE`]).
+pub fn stream_accounts_after<'c>(
+    conn: &'c mut PgConnection,
+    accounts: &'c [Uuid],
     after: i64,
-) -> Result<Vec<StoredEvent>> {
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+) -> BoxStream<'c, Result<StoredEvent>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT position, received_at, event, account_id, user_id, body, origin
          FROM events WHERE account_id = ANY($1) AND position > $2 AND {NOT_REFUSED_BY_STORE}
          ORDER BY position"
     )))
     .bind(accounts)
     .bind(after)
-    .fetch_all(conn)
-    .await?)
+    .fetch(conn)
+    .map(|row| row.map_err(Into::into))
+    .boxed()
 }
 
 /// The highest position in the log (0 when empty).

@@ -107,14 +107,28 @@ pub async fn resumable(
     .await?)
 }
 
-/// Marks every other run still marked `running` as `abandoned` (they were stopped and will not be
-/// resumed) and drops what they listed.
-pub async fn abandon_others(conn: &mut PgConnection, keep: Option<i64>) -> Result<u64> {
+/// Marks as `abandoned` the stopped runs that will not be resumed: those of the same API and
+/// scope but `keep`, dry runs, and any that made no progress within `within`; drops what they
+/// listed. (A stopped run of another scope stays resumable.)
+pub async fn abandon_others(
+    conn: &mut PgConnection,
+    keep: Option<i64>,
+    api_url: &str,
+    scope: Scope,
+    within: Duration,
+) -> Result<u64> {
     let done = sqlx::query(
         "UPDATE reconcile_runs SET state = 'abandoned', finished_at = now(), updated_at = now()
-         WHERE state = 'running' AND id IS DISTINCT FROM $1",
+         WHERE state = 'running' AND id IS DISTINCT FROM $1
+           AND (dry_run OR updated_at <= now() - $5
+                OR (api_url = $2 AND scope_user IS NOT DISTINCT FROM $3
+                    AND scope_account IS NOT DISTINCT FROM $4))",
     )
     .bind(keep)
+    .bind(api_url)
+    .bind(scope.user)
+    .bind(scope.account)
+    .bind(within)
     .execute(&mut *conn)
     .await?;
     sqlx::query(
@@ -194,20 +208,37 @@ pub async fn page_done(
     Ok(())
 }
 
-/// What the log knows of `accounts`, in one consistent read: their snapshots, the projection's
-/// checkpoint, and every event of theirs after it that the projector will fold (in log order). A
-/// fold of those events onto the snapshots is the projection the log already holds, whether or
-/// not the projector has caught up.
+/// One item of what the log knows of an account, as [`known`] streams it.
+pub enum Known<'a> {
+    /// A snapshot; every snapshot comes before every event.
+    Snapshot(AccountSnapshot),
+    /// An event after the projection's checkpoint that the projector will fold, in log order.
+    Event(&'a StoredEvent),
+}
+
+/// What the log knows of `accounts`, in one consistent read, streamed to `each`: their snapshots,
+/// then every event of theirs after the projection's checkpoint that the projector will fold, in
+/// log order (memory stays flat however far the projector is behind). A fold of those events onto
+/// the snapshots is the projection the log already holds, whether or not the projector has caught
+/// up.
 pub async fn known(
     conn: &mut PgConnection,
     accounts: &[Uuid],
-) -> Result<(Vec<AccountSnapshot>, Vec<StoredEvent>)> {
+    mut each: impl FnMut(Known<'_>),
+) -> Result<()> {
+    use futures_util::TryStreamExt;
     let mut tx = crate::begin_consistent_read(conn).await?;
     let checkpoint = crate::checkpoints::get(&mut tx, crate::checkpoints::PROJECTION).await?;
-    let snapshots = crate::snapshots::current(&mut tx, accounts).await?;
-    let events = crate::log::read_accounts_after(&mut tx, accounts, checkpoint).await?;
-    crate::commit(tx).await?;
-    Ok((snapshots, events))
+    for snapshot in crate::snapshots::current(&mut tx, accounts).await? {
+        each(Known::Snapshot(snapshot));
+    }
+    {
+        let mut events = crate::log::stream_accounts_after(&mut tx, accounts, checkpoint);
+        while let Some(event) = events.try_next().await? {
+            each(Known::Event(&event));
+        }
+    }
+    crate::commit(tx).await
 }
 
 /// Up to `limit` accounts held as active in `scope`, first seen at or before `seen_by`, that the
@@ -312,6 +343,29 @@ pub async fn add_counts(conn: &mut PgConnection, run_id: i64, counts: Counts) ->
     Ok(())
 }
 
+/// Counts one confirmed removal (call in the transaction that appends it).
+pub async fn add_removal(conn: &mut PgConnection, run_id: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE reconcile_runs SET removals = removals + 1, updated_at = now() WHERE id = $1",
+    )
+    .bind(run_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The API URL of the newest run that finished a listing of every account, if any.
+pub async fn last_finished_api_url(conn: &mut PgConnection) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT api_url FROM reconcile_runs
+         WHERE state IN ('finished', 'refused') AND listing_done AND NOT dry_run
+           AND scope_user IS NULL AND scope_account IS NULL
+         ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Records a failed attempt of a run that stays resumable (Argyle unreachable, say).
 pub async fn note_error(conn: &mut PgConnection, run_id: i64, error: &str) -> Result<()> {
     sqlx::query("UPDATE reconcile_runs SET error = $2, updated_at = now() WHERE id = $1")
@@ -322,11 +376,15 @@ pub async fn note_error(conn: &mut PgConnection, run_id: i64, error: &str) -> Re
     Ok(())
 }
 
-/// The newest run that is not a dry run (running or ended), for `status` and the schedule.
-pub async fn latest(conn: &mut PgConnection) -> Result<Option<Run>> {
+/// The newest run that is not a dry run (running or ended), of any scope (`status`), or only of
+/// every account (`whole`: the schedule's).
+pub async fn latest(conn: &mut PgConnection, whole: bool) -> Result<Option<Run>> {
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {RUN_COLUMNS} FROM reconcile_runs WHERE NOT dry_run ORDER BY id DESC LIMIT 1"
+        "SELECT {RUN_COLUMNS} FROM reconcile_runs
+         WHERE NOT dry_run AND (NOT $1 OR (scope_user IS NULL AND scope_account IS NULL))
+         ORDER BY id DESC LIMIT 1"
     )))
+    .bind(whole)
     .fetch_optional(conn)
     .await?)
 }

@@ -57,7 +57,7 @@ pub(crate) async fn run(database_url: &str) -> anyhow::Result<ExitCode> {
         head - scanned
     );
     let reconciling = store::locks::holder(&mut conn, store::locks::Lock::Reconcile).await?;
-    match store::reconcile::latest(&mut conn).await? {
+    match store::reconcile::latest(&mut conn, false).await? {
         None => println!("reconcile:   never run"),
         Some(run) => {
             let c = &run.counts;
