@@ -699,6 +699,7 @@ fn listed_account(object: Box<RawValue>) -> Option<ListedAccount> {
 
 /// Compares one page's accounts with the log and, in one transaction, appends what the log lacks,
 /// marks them listed and records the page (with `next`, where the listing goes on).
+#[allow(clippy::too_many_arguments)]
 async fn commit_page(
     conn: &mut PgConnection,
     run: &Run,
