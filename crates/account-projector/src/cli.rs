@@ -207,6 +207,22 @@ pub(crate) struct ReconcileArgs {
     pub(crate) argyle: ArgyleArgs,
 }
 
+fn max_wait(raw: &str) -> Result<humantime::Duration, String> {
+    let wait: humantime::Duration = raw.parse().map_err(|e| format!("{e}"))?;
+    if *wait > std::time::Duration::from_secs(60) {
+        return Err("at most 60s".into());
+    }
+    Ok(wait)
+}
+
+fn heartbeat(raw: &str) -> Result<humantime::Duration, String> {
+    let every: humantime::Duration = raw.parse().map_err(|e| format!("{e}"))?;
+    if every.is_zero() || *every > std::time::Duration::from_secs(15) {
+        return Err("expected more than 0s and at most 15s".into());
+    }
+    Ok(every)
+}
+
 pub(crate) fn share(raw: &str) -> Result<f64, String> {
     raw.parse::<f64>()
         .ok()
@@ -436,6 +452,20 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "RECONCILE_RATE", default_value_t = defaults().enricher.reconcile.rate, value_parser = positive_rate)]
     pub(crate) reconcile_rate: f64,
 
+    /// The longest `?wait=` of the change feed and of read-your-writes lookups the api role
+    /// honours (at most 60s).
+    #[arg(long, env = "FEED_MAX_WAIT", default_value_t = defaults().feed.max_wait.into(), value_parser = max_wait)]
+    pub(crate) feed_max_wait: humantime::Duration,
+
+    /// An idle feed stream (`/v1/feed/stream`) gets a comment line this often (at most 15s).
+    #[arg(long, env = "FEED_HEARTBEAT", default_value_t = defaults().feed.heartbeat.into(), value_parser = heartbeat)]
+    pub(crate) feed_heartbeat: humantime::Duration,
+
+    /// A feed stream whose reader takes longer than this to accept the next event is ended (it
+    /// resumes with Last-Event-ID).
+    #[arg(long, env = "FEED_SEND_TIMEOUT", default_value_t = defaults().feed.send_timeout.into())]
+    pub(crate) feed_send_timeout: humantime::Duration,
+
     /// Largest number of database connections of this process.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = defaults().db.max_connections)]
     pub(crate) max_connections: u32,
@@ -471,6 +501,9 @@ impl ServeArgs {
         settings.enricher.reconcile_interval = self.reconcile_interval.0;
         settings.enricher.reconcile.rate = self.reconcile_rate;
         settings.db.max_connections = self.max_connections;
+        settings.feed.max_wait = self.feed_max_wait.into();
+        settings.feed.heartbeat = self.feed_heartbeat.into();
+        settings.feed.send_timeout = self.feed_send_timeout.into();
         Ok(settings)
     }
 }

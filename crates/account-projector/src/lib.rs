@@ -102,6 +102,8 @@ pub struct Settings {
     /// Argyle's management API, for the enricher; `None` when no API key is configured.
     pub argyle: Option<ArgyleApi>,
     pub enricher: EnricherConfig,
+    /// The change feed's long polls and streams.
+    pub feed: api::feed::FeedConfig,
     pub db: DbOptions,
 }
 
@@ -127,6 +129,7 @@ impl std::fmt::Debug for Settings {
             .field("projector", &self.projector)
             .field("argyle", &self.argyle)
             .field("enricher", &self.enricher)
+            .field("feed", &self.feed)
             .field("db", &self.db)
             .finish()
     }
@@ -182,6 +185,7 @@ impl Settings {
             projector: ProjectorConfig::default(),
             argyle: None,
             enricher: EnricherConfig::default(),
+            feed: api::feed::FeedConfig::default(),
             db: DbOptions::default(),
         }
     }
@@ -199,6 +203,8 @@ pub struct Application {
     readiness: web::Readiness,
     faults: Faults,
     limits: ConnectionLimits,
+    /// Ends the open feed streams at shutdown.
+    streams: CancellationToken,
 }
 
 /// Per-connection timeouts of the HTTP server.
@@ -227,7 +233,14 @@ impl Application {
         readiness
             .check_database(&pool.connect_options(), &mut None)
             .await;
-        let (router, loops) = router_for_role(&settings, &pool, readiness.clone(), checked.secrets);
+        let streams = CancellationToken::new();
+        let (router, loops) = router_for_role(
+            &settings,
+            &pool,
+            readiness.clone(),
+            checked.secrets,
+            streams.clone(),
+        );
         Ok(Self {
             listener,
             router,
@@ -241,6 +254,7 @@ impl Application {
                 header_timeout: settings.header_timeout,
                 shutdown_grace: settings.shutdown_grace,
             },
+            streams,
         })
     }
 
@@ -285,6 +299,11 @@ impl Application {
             .refresh((*self.pool.connect_options()).clone(), shutdown.clone());
         supervisor.spawn("readiness", Box::pin(refresh));
         let grace = self.limits.shutdown_grace;
+        let (stop, streams) = (shutdown.clone(), self.streams.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            streams.cancel();
+        });
         let served = serve(self.listener, self.router, shutdown.clone(), self.limits);
         tokio::pin!(served);
         let served = loop {
@@ -410,6 +429,7 @@ fn router_for_role(
     pool: &PgPool,
     readiness: web::Readiness,
     secrets: Secrets,
+    streams: CancellationToken,
 ) -> (Router, Loops) {
     let mut loops: Loops = vec![];
     let mut router = web::health::router(readiness)
@@ -440,6 +460,8 @@ fn router_for_role(
         let (snapshots, read_loop) =
             api::reader::SnapshotReader::new(kept.clone(), settings.database_timeout);
         loops.push(("reader", Box::pin(read_loop)));
+        let (checkpoint, watch_loop) = api::feed::Checkpoint::watch(pool.clone());
+        loops.push(("checkpoint watch", Box::pin(watch_loop)));
         router = router.merge(api::router(api::ApiState {
             snapshots,
             db: kept,
@@ -449,6 +471,9 @@ fn router_for_role(
                 .map(|t| t.trim().to_owned())
                 .collect(),
             database_timeout: settings.database_timeout,
+            checkpoint,
+            feed: settings.feed,
+            streams,
         }));
     }
     (

@@ -33,7 +33,7 @@ pub(crate) struct PageParams {
     limit: Option<i64>,
 }
 
-fn invalid_query(detail: impl Into<String>) -> Problem {
+pub(crate) fn invalid_query(detail: impl Into<String>) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail)
 }
 
@@ -53,7 +53,7 @@ impl Params {
         Ok(Self(map))
     }
 
-    fn integer(
+    pub(crate) fn integer(
         &self,
         name: &str,
         default: i64,
@@ -72,6 +72,24 @@ impl Params {
                     range.end()
                 ))
             })
+    }
+
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    /// `?wait=` (seconds, `30s`, `500ms`): zero when absent, and a longer wait than `max` waits
+    /// `max` (a long poll's server caps the wait; it does not refuse it).
+    pub(crate) fn wait(&self, max: std::time::Duration) -> Result<std::time::Duration, Problem> {
+        let Some(raw) = self.0.get("wait") else {
+            return Ok(std::time::Duration::ZERO);
+        };
+        web::wait::parse(raw).map(|w| w.min(max)).ok_or_else(|| {
+            invalid_query(format!(
+                "wait must be a duration such as 30s or 500ms (at most {}s is waited)",
+                max.as_secs()
+            ))
+        })
     }
 
     /// `?as_of=<RFC 3339>` and/or `?at_position=<N>`, if either is given; with both, both apply.

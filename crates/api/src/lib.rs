@@ -4,11 +4,14 @@
 //! - [`router`]: `/v1` routes behind bearer tokens (errors are [`web::Problem`]s).
 //! - [`view`]: [`AccountView`], what `/v1` says about an account.
 //! - [`reader`]: current-snapshot lookups that arrive together share one read.
+//! - [`feed`]: following the projection: the compacted change feed (long poll and SSE), and
+//!   read-your-writes (`?min_position=`), woken by the projector's commits.
 //! - `history`: the audit routes: an account's events, the global log, field-level changes, and
 //!   time travel (`?as_of=` / `?at_position=`), all replayed with the same [`domain::step`].
 
 #![forbid(unsafe_code)]
 
+pub mod feed;
 mod history;
 pub mod openapi;
 pub mod reader;
@@ -39,6 +42,11 @@ pub struct ApiState {
     pub tokens: Vec<String>,
     /// A query that takes longer is answered 503: the database is unreachable or stuck.
     pub database_timeout: std::time::Duration,
+    /// The projection's checkpoint as this process last heard it (see [`feed::Checkpoint`]).
+    pub checkpoint: feed::Checkpoint,
+    pub feed: feed::FeedConfig,
+    /// Fires at shutdown: open feed streams end.
+    pub streams: tokio_util::sync::CancellationToken,
 }
 
 /// `/v1` query routes.
@@ -58,6 +66,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(history::all_events))
         .route("/v1/quarantine", get(history::quarantine))
         .route("/v1/users/{user_id}/accounts", get(get_user_accounts))
+        .route("/v1/feed", get(feed::feed))
+        .route("/v1/feed/stream", get(feed::feed_stream))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             database_deadline,
@@ -99,13 +109,15 @@ async fn require_token(
     }
 }
 
-/// Query routes read no body, so their time is database time: past the deadline, answer 503.
+/// Query routes read no body, so their time is database time: past the deadline (plus what the
+/// request asks to wait, `?wait=`), answer 503.
 async fn database_deadline(
     State(state): State<Arc<ApiState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    match tokio::time::timeout(state.database_timeout, next.run(request)).await {
+    let deadline = state.database_timeout + web::wait::requested(request.uri().query());
+    match tokio::time::timeout(deadline, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
             tracing::warn!(timeout = ?state.database_timeout, "query timed out");
@@ -113,6 +125,9 @@ async fn database_deadline(
         }
     }
 }
+
+/// The longest `?wait=` of a read-your-writes lookup.
+const MIN_POSITION_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub(crate) fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
     Uuid::try_parse(raw).map_err(|_| Problem::invalid_id(format!("{what} is not a UUID")))
@@ -129,12 +144,18 @@ pub(crate) fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
             description = "RFC 3339 instant: the view folded from events received at or before it"),
         ("at_position" = Option<i64>, Query, minimum = 0,
             description = "The view folded from events at log positions up to and including this one; with `as_of` too, both bounds apply"),
+        ("min_position" = Option<i64>, Query, minimum = 0,
+            description = "Read-your-writes: answer once the projection has folded this position (the `position` ingest answered)"),
+        ("wait" = Option<String>, Query, pattern = r"^[0-9]+(\.[0-9]+)?(s|ms)?$",
+            description = "With `min_position`: how long to wait for it (default 0s: answer at once); a longer wait than 30s waits 30s"),
     ),
     responses(
         (status = 200, description = "The account view", body = AccountView),
         (status = 400, description = "`invalid_id`: not a UUID; `invalid_query`: bad `as_of` / `at_position`",
             body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not_found`: no such account (at that time)",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`not_yet_projected`: the projection has not folded `min_position` within `wait` (with `Retry-After`); `unavailable`: the database is unreachable",
             body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -144,7 +165,13 @@ async fn get_account(
     RawQuery(query): RawQuery,
 ) -> Result<Json<AccountView>, Problem> {
     let account_id = parse_id(&raw, "account_id")?;
-    let until = history::Params::parse(query.as_deref())?.until()?;
+    let params = history::Params::parse(query.as_deref())?;
+    let until = params.until()?;
+    let wait = params.wait(MIN_POSITION_MAX_WAIT)?;
+    if params.has("min_position") {
+        let position = params.integer("min_position", 0, 0..=i64::MAX)?;
+        feed::wait_for_position(&state, position, wait).await?;
+    }
     let snapshot = match until {
         None => state.snapshots.get(account_id).await?,
         Some(until) => {

@@ -16,12 +16,15 @@ use crate::history;
         history::account_changes,
         history::all_events,
         history::quarantine,
+        crate::feed::feed,
+        crate::feed::feed_stream,
     ),
     components(schemas(crate::Problem)),
     modifiers(&QueryRoutes),
     tags(
         (name = "accounts", description = "Current and past account views"),
         (name = "audit", description = "The event log, field-level changes and quarantined events"),
+        (name = "feed", description = "Following the projection: the compacted change feed"),
     )
 )]
 pub struct ApiDoc;

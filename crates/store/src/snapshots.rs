@@ -104,6 +104,34 @@ pub async fn get_many(
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
+/// One page of the compacted change feed: up to `limit` snapshots whose `last_position` is after
+/// `after` and at or before the projection's checkpoint, in `last_position` order, read with the
+/// checkpoint in one consistent read. Returns them and that checkpoint.
+///
+/// The projector writes a batch's snapshots and moves the checkpoint in one transaction, and a
+/// later batch only folds later positions: so a change committed after this read has a
+/// `last_position` above the checkpoint read here, and a follower resuming from a cursor this
+/// page gives never misses it.
+pub async fn changed_after(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: i64,
+) -> Result<(Vec<AccountSnapshot>, i64)> {
+    let mut tx = crate::begin_consistent_read(conn).await?;
+    let checkpoint = crate::checkpoints::get(&mut tx, crate::checkpoints::PROJECTION).await?;
+    let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots
+         WHERE last_position > $1 AND last_position <= $2 ORDER BY last_position LIMIT $3"
+    )))
+    .bind(after)
+    .bind(checkpoint)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    crate::commit(tx).await?;
+    Ok((rows.into_iter().map(Into::into).collect(), checkpoint))
+}
+
 /// Every snapshot of one user, oldest account first.
 #[tracing::instrument(skip(conn))]
 pub async fn of_user(conn: &mut PgConnection, user_id: Uuid) -> Result<Vec<AccountSnapshot>> {

@@ -15,6 +15,7 @@ pub mod batch;
 pub mod health;
 pub mod middleware;
 pub mod problem;
+pub mod wait;
 
 pub use batch::{Abandoned, Batcher};
 pub use health::{HealthDoc, Readiness};

@@ -15,7 +15,7 @@ use tower_http::trace::TraceLayer;
 use crate::Problem;
 
 /// `router` with the fallbacks (404, 405 as problems) and the middleware of every route: a time
-/// limit of `request_timeout` (408 after it), one span per request, and an `x-request-id`
+/// limit of `request_timeout` plus the request's `?wait=` (408 after it), one span per request, and an `x-request-id`
 /// (generated, and sent back).
 pub fn finish(router: Router, request_timeout: Duration) -> Router {
     router
@@ -75,6 +75,8 @@ fn request_span() -> RequestSpan {
 }
 
 async fn time_limit(limit: Duration, request: Request, next: Next) -> Response {
+    // A request that asks to be held open (`?wait=`) gets that long on top.
+    let limit = limit + crate::wait::requested(request.uri().query());
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => Problem::new(
