@@ -19,7 +19,7 @@ pub fn parse(raw: &str) -> Option<Duration> {
         return None;
     }
     let seconds: f64 = number.parse().ok()?;
-    Some(Duration::try_from_secs_f64(seconds * scale).ok()?)
+    Duration::try_from_secs_f64(seconds * scale).ok()
 }
 
 /// The wait a query string asks for (zero if none or unreadable), at most [`MAX`]: what the time
