@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`router`]: `/v1` routes behind bearer tokens (errors are [`web::Problem`]s).
-//! - [`view`]: [`AccountView`], what `/v1` says about an account.
+//! - [`view`]: [`AccountView`], what `/v1` says about an account (in `web`: the notifier sends it too).
 //! - [`reader`]: current-snapshot lookups that arrive together share one read.
 //! - [`feed`]: following the projection: the compacted change feed (long poll and SSE), and
 //!   read-your-writes (`?min_position=`), woken by the projector's commits.
@@ -15,7 +15,8 @@ pub mod feed;
 mod history;
 pub mod openapi;
 pub mod reader;
-pub mod view;
+/// The account view, shared with the notifier's deliveries ([`web::view`]).
+pub use web::view;
 
 use std::sync::Arc;
 

@@ -8,6 +8,8 @@
 //!   and request ids around a router.
 //! - [`batch`]: [`Batcher`], requests that arrive while a batch runs share the next (the group
 //!   committer and the shared snapshot reader).
+//! - [`view`]: [`AccountView`], what `/v1` says about an account and what outbound webhooks carry.
+//! - [`wait`]: `?wait=`, how long a request asks to be held open.
 
 #![forbid(unsafe_code)]
 
@@ -15,8 +17,10 @@ pub mod batch;
 pub mod health;
 pub mod middleware;
 pub mod problem;
+pub mod view;
 pub mod wait;
 
 pub use batch::{Abandoned, Batcher};
 pub use health::{HealthDoc, Readiness};
 pub use problem::Problem;
+pub use view::AccountView;

@@ -1,4 +1,5 @@
-//! The account view of the contract: what `/v1` answers about an account. The store keeps its own
+//! The account view of the contract: what `/v1` answers about an account, and the body of every
+//! outbound webhook. The store keeps its own
 //! row type, so a field renamed here changes the API, never how snapshots are written.
 
 use chrono::{DateTime, Utc};
