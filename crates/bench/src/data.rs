@@ -1,6 +1,6 @@
 //! Data set up straight through the store (no HTTP), and waiting for the projector to fold it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -36,6 +36,31 @@ pub async fn append_bodies(
         .await?
         .len();
     Ok(count)
+}
+
+/// Appends `events` refinements spread over `accounts` new accounts, interleaved step by step across
+/// all of them as live traffic is; returns how many.
+pub async fn load_interleaved(
+    pool: &store::PgPool,
+    events: usize,
+    accounts: usize,
+) -> anyhow::Result<usize> {
+    let per_account = events.div_ceil(accounts);
+    let ids: Vec<(Uuid, Uuid)> = (0..accounts)
+        .map(|_| (Uuid::new_v4(), Uuid::new_v4()))
+        .collect();
+    let started = Instant::now();
+    let bodies = (0..per_account).flat_map(|step| {
+        ids.iter()
+            .map(move |(account, user)| refinement(*account, *user, step))
+    });
+    let appended = append_bodies(pool, bodies.take(events)).await?;
+    let load_secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "bench: loaded {appended} events in {load_secs:.1} s ({:.0}/s through append_webhooks, batches of 1,000)",
+        appended as f64 / load_secs
+    );
+    Ok(appended)
 }
 
 /// `count` refinements (`accounts.updated`) of one account, one millisecond apart.

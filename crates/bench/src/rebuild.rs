@@ -4,10 +4,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use uuid::Uuid;
-
 use crate::Args;
-use crate::data::{analyze, append_bodies, refinement};
+use crate::data::{analyze, load_interleaved};
 use crate::pg::url_for;
 use crate::report::{Row, row};
 
@@ -23,7 +21,7 @@ pub async fn run(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             ..store::DbOptions::default()
         },
     )?;
-    let appended = load(args, &pool).await?;
+    let appended = load_interleaved(&pool, args.rebuild_events, args.rebuild_accounts).await?;
     {
         let mut conn = pool.acquire().await?;
         analyze(&mut conn).await;
@@ -54,25 +52,4 @@ pub async fn run(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     ));
     store::migrate::drop_database(&rebuild_db).await?;
     Ok(())
-}
-
-/// Appends `rebuild_events` refinements spread over `rebuild_accounts` accounts; returns how many.
-async fn load(args: &Args, pool: &store::PgPool) -> anyhow::Result<usize> {
-    let per_account = args.rebuild_events.div_ceil(args.rebuild_accounts);
-    let ids: Vec<(Uuid, Uuid)> = (0..args.rebuild_accounts)
-        .map(|_| (Uuid::new_v4(), Uuid::new_v4()))
-        .collect();
-    let started = Instant::now();
-    // Interleave accounts as live traffic does: step by step across all of them.
-    let bodies = (0..per_account).flat_map(|step| {
-        ids.iter()
-            .map(move |(account, user)| refinement(*account, *user, step))
-    });
-    let appended = append_bodies(pool, bodies.take(args.rebuild_events)).await?;
-    let load_secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "bench: loaded {appended} events in {load_secs:.1} s ({:.0}/s through append_webhooks, batches of 1,000)",
-        appended as f64 / load_secs
-    );
-    Ok(appended)
 }
