@@ -12,6 +12,7 @@ mod feed;
 mod hostile;
 mod ingest;
 mod never_stall;
+mod notifier;
 mod projection;
 mod reconcile;
 mod reliability;

@@ -48,7 +48,7 @@ pub(crate) enum Command {
     /// Create the database if missing, apply pending migrations, and exit.
     Migrate,
     /// Run the service: webhook ingest, projector and query API (or one of them, by --role).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Refold snapshots from the event log and swap them in, while the service keeps running.
     ///
     /// With --verify nothing is written: the live snapshots are compared with a fresh fold of the
@@ -73,6 +73,43 @@ pub(crate) enum Command {
     /// Exit status: 0 done, 1 error, 3 removals refused by the missing-share guard, 130 stopped
     /// (run again to resume).
     Reconcile(ReconcileArgs),
+    /// Manage outbound webhook subscribers: receivers of every change of the projection, signed
+    /// per the Standard Webhooks spec, delivered by the notifier role.
+    Subscribers(SubscribersArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct SubscribersArgs {
+    #[command(subcommand)]
+    pub(crate) action: SubscribersAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum SubscribersAction {
+    /// Register a receiver and print its id and signing secret (`whsec_...`).
+    Add {
+        /// Where to POST each change: https, or http to a loopback address.
+        #[arg(long)]
+        url: String,
+
+        /// Start after this feed cursor (0, the default: every account's current view first).
+        #[arg(long, value_name = "CURSOR", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
+        from: i64,
+    },
+    /// Every subscriber: its state, delivered cursor, lag, pending messages and last error.
+    List {
+        /// Print each subscriber's signing secret instead of `hidden`.
+        #[arg(long)]
+        show_secrets: bool,
+    },
+    /// Remove subscriber ID and its pending messages.
+    Remove { id: Uuid },
+    /// Deliver again every change after CURSOR to subscriber ID.
+    Replay {
+        id: Uuid,
+        #[arg(long, value_name = "CURSOR", value_parser = clap::value_parser!(i64).range(0..))]
+        from: i64,
+    },
 }
 
 /// Argyle's management API and its key (from the Argyle console: Developers > API keys).
@@ -466,6 +503,15 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "FEED_SEND_TIMEOUT", default_value_t = defaults().feed.send_timeout.into())]
     pub(crate) feed_send_timeout: humantime::Duration,
 
+    /// The notifier's delays before each retry of a failed delivery, comma-separated; past the
+    /// last, the subscriber is marked failing and retried at the last delay.
+    #[arg(long, env = "NOTIFIER_RETRY_SCHEDULE", value_delimiter = ',', default_values_t = defaults().notifier.schedule.iter().map(|d| humantime::Duration::from(*d)).collect::<Vec<_>>())]
+    pub(crate) notifier_retry_schedule: Vec<humantime::Duration>,
+
+    /// Outbound deliveries in flight at once.
+    #[arg(long, env = "NOTIFIER_CONCURRENCY", default_value_t = defaults().notifier.concurrency, value_parser = clap::value_parser!(usize))]
+    pub(crate) notifier_concurrency: usize,
+
     /// Largest number of database connections of this process.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = defaults().db.max_connections)]
     pub(crate) max_connections: u32,
@@ -502,6 +548,15 @@ impl ServeArgs {
         settings.enricher.reconcile.rate = self.reconcile_rate;
         settings.db.max_connections = self.max_connections;
         settings.feed.max_wait = self.feed_max_wait.into();
+        if self.notifier_retry_schedule.is_empty() {
+            anyhow::bail!("NOTIFIER_RETRY_SCHEDULE needs at least one delay");
+        }
+        settings.notifier.schedule = self
+            .notifier_retry_schedule
+            .iter()
+            .map(|d| (*d).into())
+            .collect();
+        settings.notifier.concurrency = self.notifier_concurrency.max(1);
         settings.feed.heartbeat = self.feed_heartbeat.into();
         settings.feed.send_timeout = self.feed_send_timeout.into();
         Ok(settings)

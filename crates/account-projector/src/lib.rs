@@ -1,4 +1,4 @@
-//! account-projector: composes the ingest, projector, api and enricher adapters into one service
+//! account-projector: composes the ingest, projector, api, enricher and notifier adapters into one service
 //! by role.
 //!
 //! # Layout
@@ -50,6 +50,9 @@ pub enum Role {
     /// Fetches accounts for resource-less webhooks from Argyle's API (the listener serves health
     /// endpoints). Part of `all` when API keys are configured.
     Enricher,
+    /// Delivers each change of the feed to outbound webhook subscribers (the listener serves
+    /// health endpoints). Part of `all`.
+    Notifier,
 }
 
 impl Role {
@@ -64,6 +67,9 @@ impl Role {
     }
     fn enriches(self) -> bool {
         matches!(self, Self::All | Self::Enricher)
+    }
+    fn notifies(self) -> bool {
+        matches!(self, Self::All | Self::Notifier)
     }
 }
 
@@ -104,6 +110,8 @@ pub struct Settings {
     pub enricher: EnricherConfig,
     /// The change feed's long polls and streams.
     pub feed: api::feed::FeedConfig,
+    /// Outbound webhooks: the retry schedule and the pace.
+    pub notifier: notifier::NotifierConfig,
     pub db: DbOptions,
 }
 
@@ -130,6 +138,7 @@ impl std::fmt::Debug for Settings {
             .field("argyle", &self.argyle)
             .field("enricher", &self.enricher)
             .field("feed", &self.feed)
+            .field("notifier", &self.notifier)
             .field("db", &self.db)
             .finish()
     }
@@ -186,6 +195,7 @@ impl Settings {
             argyle: None,
             enricher: EnricherConfig::default(),
             feed: api::feed::FeedConfig::default(),
+            notifier: notifier::NotifierConfig::default(),
             db: DbOptions::default(),
         }
     }
@@ -198,6 +208,7 @@ pub struct Application {
     pool: PgPool,
     projector: Option<ProjectorConfig>,
     enricher: Option<(argyle::Client, EnricherConfig)>,
+    notifier: Option<notifier::NotifierConfig>,
     /// The loops behind the routes (the committer, the shared reader), run supervised.
     loops: Loops,
     readiness: web::Readiness,
@@ -247,6 +258,7 @@ impl Application {
             pool,
             projector: settings.role.projects().then(|| settings.projector.clone()),
             enricher: checked.enricher,
+            notifier: settings.role.notifies().then(|| settings.notifier.clone()),
             loops,
             readiness,
             faults: Faults::default(),
@@ -292,6 +304,10 @@ impl Application {
         if let Some((client, config)) = self.enricher {
             let task = enricher::run(self.pool.clone(), client, config, shutdown.clone());
             supervisor.spawn("enricher", Box::pin(task));
+        }
+        if let Some(config) = self.notifier {
+            let task = notifier::run(self.pool.clone(), config, shutdown.clone());
+            supervisor.spawn("notifier", Box::pin(task));
         }
         let refresh = self
             .readiness

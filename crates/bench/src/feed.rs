@@ -129,14 +129,14 @@ async fn read_whole(
     ))
 }
 
-/// A follower long-polling the feed from `head` while `1,000 × seconds` new deliveries are sent at
+/// A follower long-polling the feed from `from` while `1,000 × seconds` new deliveries are sent at
 /// 1,000/s; the row of its lag.
 async fn follow(
     args: &Args,
     client: &reqwest::Client,
     base: &str,
     pool: &store::PgPool,
-    head: i64,
+    from: i64,
 ) -> anyhow::Result<Row> {
     let s = args.seconds;
     let feed_load = Workload {
@@ -156,13 +156,16 @@ async fn follow(
     let follower = tokio::spawn(follower(
         client.clone(),
         base.to_owned(),
-        head,
+        from,
         stop.clone(),
     ));
     let steady = send(deliveries, &sending(base, args.connections, Some(1000.0))).await;
-    eprintln!("bench: ingest at 1,000/s under the follower: {}", steady.summary());
+    eprintln!(
+        "bench: ingest at 1,000/s under the follower: {}",
+        steady.summary()
+    );
     wait_projected(pool).await?;
-    stop.store(self::head(pool).await?, Ordering::SeqCst);
+    stop.store(head(pool).await?, Ordering::SeqCst);
     // The follower's last long poll may wait its whole `WAIT` for nothing.
     let received = tokio::time::timeout(Duration::from_secs(30), follower)
         .await

@@ -21,6 +21,8 @@
 //!   `account-projector rebuild`.
 //! - [`reconcile`]: `account-projector reconcile` against a fake Argyle listing 10,000 and then
 //!   100,000 accounts: the command's peak RSS at both (flat) and its accounts/s.
+//! - [`feed`]: the compacted change feed on a log of 100,000 events over 10,000 accounts: read
+//!   whole a page of 1,000 at a time (pages/s), and a follower's lag at 1,000 events/s.
 //!
 //! Shared by them:
 //! - [`report`]: the rows and the Markdown table printed at the end.
@@ -34,6 +36,7 @@
 
 mod baseline;
 mod data;
+mod feed;
 mod ingest;
 mod lag;
 mod latency;
@@ -79,8 +82,14 @@ struct Args {
     /// Accounts the fake Argyle lists for the reconcile run (after a run with a tenth of them).
     #[arg(long, default_value_t = 100_000)]
     reconcile_accounts: usize,
+    /// Events in the log for the change feed's runs.
+    #[arg(long, default_value_t = 100_000)]
+    feed_events: usize,
+    /// Accounts those events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    feed_accounts: usize,
     /// Run only this scenario (the others are skipped); all of them when absent.
-    #[arg(long, value_name = "SCENARIO", value_parser = ["reconcile"])]
+    #[arg(long, value_name = "SCENARIO", value_parser = ["reconcile", "feed"])]
     only: Option<String>,
 }
 
@@ -108,8 +117,15 @@ async fn main() -> anyhow::Result<()> {
         // 4. Rebuild: the log of many accounts, refolded by `account-projector rebuild`.
         rebuild::run(&args, &mut rows).await?;
     }
+    let only = |scenario: &str| args.only.as_deref().is_none_or(|o| o == scenario);
     // 5. Reconcile: Argyle's listing paged through by `account-projector reconcile`.
-    reconcile::run(&args, &mut rows).await?;
+    if only("reconcile") {
+        reconcile::run(&args, &mut rows).await?;
+    }
+    // 6. The change feed: read whole, and followed while ingest runs.
+    if only("feed") {
+        feed::run(&args, &mut rows).await?;
+    }
 
     report::print(&rows, cores, &version, args.connections, args.seconds)?;
     drop(admin);

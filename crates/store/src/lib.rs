@@ -43,6 +43,7 @@ pub mod migrate;
 pub mod quarantine;
 pub mod reconcile;
 pub mod snapshots;
+pub mod subscribers;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -23,6 +23,8 @@ pub enum Lock {
     Enricher,
     /// A running reconcile with Argyle, so two never compare and append at once.
     Reconcile,
+    /// The one notifier that delivers outbound webhooks (others stand by).
+    Notifier,
 }
 
 impl Lock {
@@ -33,6 +35,7 @@ impl Lock {
             Self::Rebuild => 0x4150_5245_4244,   // "APREBD"
             Self::Enricher => 0x4150_454e_5243,  // "APENRC"
             Self::Reconcile => 0x4150_5243_4e43, // "APRCNC"
+            Self::Notifier => 0x4150_4e4f_5446,  // "APNOTF"
         }
     }
 }

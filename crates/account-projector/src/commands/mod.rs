@@ -6,6 +6,7 @@ mod rebuild;
 mod reconcile;
 mod serve;
 mod status;
+mod subscribers;
 mod webhooks;
 
 use std::process::ExitCode;
@@ -24,6 +25,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(args) => export::run(&database_url, args).await,
         Command::Webhooks(args) => webhooks::run(args).await,
         Command::Reconcile(args) => reconcile::run(&database_url, args).await,
+        Command::Subscribers(args) => subscribers::run(&database_url, args).await,
     }
 }
 

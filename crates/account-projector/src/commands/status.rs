@@ -56,6 +56,18 @@ pub(crate) async fn run(database_url: &str) -> anyhow::Result<ExitCode> {
         "enricher:    scanned to {scanned} (lag {} events), {pending} fetch(es) pending",
         head - scanned
     );
+    let subscribers = store::subscribers::list(&mut conn).await?;
+    let failing = subscribers.iter().filter(|s| s.state == "failing").count();
+    let pending: i64 = subscribers.iter().map(|s| s.pending).sum();
+    let notifier = store::locks::holder(&mut conn, store::locks::Lock::Notifier).await?;
+    println!(
+        "notifier:    {} subscriber(s), {failing} failing, {pending} message(s) pending; {}",
+        subscribers.len(),
+        match notifier {
+            Some((name, _, pid)) => format!("leader {name} (backend pid {pid})"),
+            None => "no notifier is running".into(),
+        }
+    );
     let reconciling = store::locks::holder(&mut conn, store::locks::Lock::Reconcile).await?;
     match store::reconcile::latest(&mut conn, false).await? {
         None => println!("reconcile:   never run"),
