@@ -6,7 +6,9 @@ its environment as local processes of the `account-projector` binary against the
 service hostnames mapped to 127.0.0.1 and each replica on a port of its own. It waits for every
 service's own healthcheck, sends the signed fixtures to the ingest port, reads the result from the
 api port, checks that exactly one projector replica leads, stops the leader and checks that the
-standby takes over, then stops everything and checks every process exits 0. Services behind a
+standby takes over, checks that the notifier delivers a change to a subscriber (signature checked
+here with the standard library's HMAC), then stops everything and checks every process exits 0.
+Services behind a
 profile run too (as `docker compose --profile enricher up` would): the enricher talks to a fake
 Argyle API started here, and a webhook without a resource must reach the api with the fetched one.
 
@@ -185,6 +187,29 @@ class Stack:
                 process.wait()
 
 
+class Subscriber(BaseHTTPRequestHandler):
+    """An outbound webhook receiver: keeps each POST whose Standard Webhooks signature verifies."""
+
+    secret = None
+    received = []
+
+    def do_POST(self):  # noqa: N802 - the handler's name is http.server's
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        key = base64.b64decode(Subscriber.secret.removeprefix("whsec_"))
+        signed = f"{self.headers['webhook-id']}.{self.headers['webhook-timestamp']}.".encode() + body
+        expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        signatures = self.headers.get("webhook-signature", "").split(" ")
+        if f"v1,{expected}" in signatures:
+            Subscriber.received.append(json.loads(body))
+            self.send_response(200)
+        else:
+            self.send_response(400)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
 def sign(body):
     return hmac.new(SECRET.encode(), body, hashlib.sha512).hexdigest()
 
@@ -242,6 +267,8 @@ def run(binary):
                 container_port = int(str(listen).rsplit(":", 1)[1])
                 port = published_port(service, container_port, replica) or free_port()
                 local = stack.local_env(service.get("environment"), hosts, port)
+                if name == "notifier":
+                    stack.notifier_env = local
                 label = f"{name}-{replica + 1}" if replicas > 1 else name
                 process = stack.spawn(label, command, local)
                 if one_shot:
@@ -442,6 +469,23 @@ def check_stack(endpoints, replicas_of, stack):
     if view["resource"]["id"] != bare["data"]["account"] or view["connection_status"] != "connected":
         raise Failed(f"unexpected enriched view {view}")
     print("compose-smoke: the enricher fetched a resource-less webhook's account into the api")
+
+    # Outbound webhooks: a subscriber added with the binary, as the notifier's environment has it.
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Subscriber)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    added = subprocess.run([stack.binary, "subscribers", "add", "--url", url],
+                           env=stack.notifier_env, capture_output=True, text=True)
+    if added.returncode != 0:
+        raise Failed(f"subscribers add failed: {added.stderr}")
+    Subscriber.secret = next(line.split(": ", 1)[1] for line in added.stdout.splitlines()
+                             if line.startswith("secret: "))
+    poll(
+        "the notifier to deliver the enriched account, signed",
+        lambda: any(v.get("account_id") == bare["data"]["account"] for v in Subscriber.received),
+    )
+    receiver.shutdown()
+    print(f"compose-smoke: the notifier delivered {len(Subscriber.received)} signed change(s) to a subscriber")
 
 
 def main():

@@ -242,11 +242,25 @@ async fn a_redirect_is_not_followed_and_a_subscriber_past_its_schedule_is_failin
     let elsewhere = Receiver::start(Answer::Status(200)).await;
     let receiver = Receiver::start(Answer::Redirect(elsewhere.url.clone())).await;
     subscribe(&database_url, &receiver).await;
-    let mut settings = test_settings().await;
-    settings.database_url = database_url.clone();
-    settings.notifier.schedule = vec![Duration::from_millis(50), Duration::from_millis(50)];
-    settings.notifier.poll_interval = Duration::from_millis(50);
-    let app = spawn_app_with(settings).await;
+    let app = app_with(&database_url, Role::Ingest).await;
+    let projector = app_with(&database_url, Role::Projector).await;
+    // The notifier in a process of its own, so that its /metrics are its own.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut notifier = spawn_binary(
+        &database_url,
+        "notifier",
+        "notifier-redirects",
+        &[
+            ("NOTIFIER_RETRY_SCHEDULE", "50ms,50ms"),
+            ("LISTEN_ADDR", listen.as_str()),
+            ("RUST_LOG", "error"),
+        ],
+    );
     app.deliver(&refinement(Uuid::new_v4(), Uuid::new_v4(), 1))
         .await;
     let listed = poll_for("the subscriber is failing", || async {
@@ -261,11 +275,15 @@ async fn a_redirect_is_not_followed_and_a_subscriber_past_its_schedule_is_failin
     assert!(listed.contains("pending=1"), "{listed}");
     assert!(receiver.received().len() >= 2);
     assert!(elsewhere.received().is_empty(), "the redirect was followed");
-    let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(
-        metrics.contains("notifier_failing_subscribers 1"),
-        "{metrics}"
-    );
+    let metrics = poll_for("the notifier's metrics say so", || async {
+        let url = format!("http://{listen}/metrics");
+        let metrics = reqwest::get(url).await.ok()?.text().await.ok()?;
+        metrics
+            .contains("notifier_failing_subscribers 1")
+            .then_some(metrics)
+    })
+    .await;
+    assert!(metrics.contains("notifier_leader 1"), "{metrics}");
     let (_, status, _) = run_binary(&database_url, &["status"], &[]).await;
     assert!(status.contains("1 subscriber(s), 1 failing"), "{status}");
     // It recovers: once the receiver answers 200, the message arrives and the state is active.
@@ -275,6 +293,9 @@ async fn a_redirect_is_not_followed_and_a_subscriber_past_its_schedule_is_failin
         stdout.contains("state=active") && stdout.contains("pending=0")
     })
     .await;
+    notifier.process.start_kill().unwrap();
+    let _ = notifier.process.wait().await;
+    projector.stop().await;
     app.stop().await;
 }
 

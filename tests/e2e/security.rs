@@ -330,11 +330,33 @@ async fn every_role_and_command_runs_as_the_service_role_which_cannot_write_the_
     let mut settings = enricher_settings(&as_service, &argyle, 50.0).await;
     settings.migrate = true;
     assert_eq!(settings.role, Role::All);
+    // A subscriber, added as the service: the notifier (in `all`) delivers to it as the service.
+    let (code, _, stderr) = run_binary(
+        &as_service,
+        &[
+            "subscribers",
+            "add",
+            "--url",
+            "http://127.0.0.1:9/unreachable",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "subscribers add as the service: {stderr}");
     let app = spawn_app_with(settings).await;
     assert_eq!(app.get("/readyz").await.status(), 200);
     for (_, body) in fixture_sequence() {
         app.deliver(&body).await;
     }
+    // The feed reads, and the notifier scans, enqueues and records a failed delivery, as the
+    // service role.
+    let feed: Value = app.get("/v1/feed?wait=5s").await.json().await.unwrap();
+    assert!(!feed["accounts"].as_array().unwrap().is_empty(), "{feed}");
+    poll_until("the notifier records its failed delivery", || async {
+        let (_, stdout, _) = run_binary(&as_service, &["subscribers", "list"], &[]).await;
+        stdout.contains("could not reach the subscriber")
+    })
+    .await;
     app.deliver(&resource_less(fetched, 0)).await;
     let view = poll_for("the enricher's fetch is folded", || async {
         let view: Value = app

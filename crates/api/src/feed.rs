@@ -45,12 +45,18 @@ impl Checkpoint {
     }
 }
 
-/// Follows `checkpoint_advanced` for good, reconnecting after a lost session.
+/// Follows `checkpoint_advanced`, reconnecting after a lost session, until nobody can ask any
+/// more (the routes holding the receivers are gone: the server stopped).
 async fn keep_current(pool: PgPool, sender: watch::Sender<i64>) {
     loop {
-        if let Err(error) = listen(&pool, &sender).await {
-            tracing::warn!(%error, "lost the checkpoint notifications; listening again");
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::select! {
+            () = sender.closed() => return,
+            listened = listen(&pool, &sender) => {
+                if let Err(error) = listened {
+                    tracing::warn!(%error, "lost the checkpoint notifications; listening again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
         }
     }
 }

@@ -159,6 +159,7 @@ async fn follow(
         from,
         stop.clone(),
     ));
+    let (recorder, seen) = crate::lag::record_checkpoints(pool).await?;
     let steady = send(deliveries, &sending(base, args.connections, Some(1000.0))).await;
     eprintln!(
         "bench: ingest at 1,000/s under the follower: {}",
@@ -170,6 +171,14 @@ async fn follow(
     let received = tokio::time::timeout(Duration::from_secs(30), follower)
         .await
         .context("the feed's follower did not reach the head")???;
+    recorder.abort();
+    let seen = seen.lock().expect("no poison").clone();
+    let cp = crate::lag::lags(&steady.acks, &seen)?;
+    eprintln!(
+        "DIAG checkpoint lag p50 {:.1} p99 {:.1}",
+        cp.value_at_quantile(0.5) as f64 / 1000.0,
+        cp.value_at_quantile(0.99) as f64 / 1000.0
+    );
     let (lag, unmatched) = lags(&steady.acks, &received)?;
     let lag_ms = |q: f64| lag.value_at_quantile(q) as f64 / 1000.0;
     eprintln!(

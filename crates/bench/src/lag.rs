@@ -13,7 +13,7 @@ use crate::report::{Row, row};
 use crate::server::sending;
 
 /// When each checkpoint notification arrived, and the position it covers.
-type Seen = Arc<Mutex<Vec<(Instant, i64)>>>;
+pub type Seen = Arc<Mutex<Vec<(Instant, i64)>>>;
 
 /// Sends `1,000 × seconds` new deliveries at 1,000/s to the server at `base` while recording the
 /// checkpoint notifications on `pool`; the row.
@@ -55,7 +55,7 @@ pub async fn run(args: &Args, base: &str, pool: &store::PgPool) -> anyhow::Resul
 }
 
 /// Subscribes to the checkpoint notifications and records them until the task is aborted.
-async fn record_checkpoints(
+pub async fn record_checkpoints(
     pool: &store::PgPool,
 ) -> anyhow::Result<(tokio::task::JoinHandle<()>, Seen)> {
     let mut notifications = store::checkpoints::CheckpointNotifications::subscribe(pool).await?;
@@ -75,7 +75,7 @@ async fn record_checkpoints(
 
 /// The lag of every new delivery acknowledged, in microseconds: from its 200 to the first
 /// notification of a checkpoint at or past its position.
-fn lags(acks: &[Ack], seen: &[(Instant, i64)]) -> anyhow::Result<Histogram<u64>> {
+pub fn lags(acks: &[Ack], seen: &[(Instant, i64)]) -> anyhow::Result<Histogram<u64>> {
     let mut lag = Histogram::<u64>::new(3)?;
     for ack in acks.iter().filter(|a| !a.duplicate) {
         if let Some((at, _)) = seen.iter().find(|(_, position)| *position >= ack.position) {
