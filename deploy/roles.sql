@@ -34,13 +34,16 @@
 --                             projector_checkpoints; SELECT, INSERT, UPDATE reconcile_runs and
 --                             SELECT, INSERT, DELETE reconcile_listed (its own bookkeeping, V13);
 --                             EXECUTE append_fetched; advisory lock
+--   serve --role notifier, subscribers add|list|remove|replay
+--                             SELECT account_snapshots, projector_checkpoints; SELECT, INSERT,
+--                             UPDATE, DELETE subscribers, subscriber_messages (V15); advisory lock
+--                             (leader), LISTEN
 --   export, status            SELECT only
 --   migrate                   the owner; the service role may run it on a current schema (it
 --                             then does nothing) and is refused, with a sentence saying so, when
 --                             migrations are pending
---   notifier, erasure, web pages (later versions): the migration that adds each
---                             extends grant_service_role() with exactly its tables: the notifier reads the feed and
---                             writes its own subscriber and delivery tables; erasure destroys
+--   erasure, web pages (later versions): the migration that adds each
+--                             extends grant_service_role() with exactly its tables: erasure destroys
 --                             account keys through a SECURITY DEFINER function of its own (the
 --                             log stays append-only); the pages read what the api role reads.
 --
