@@ -61,6 +61,50 @@ async fn follow(
     }
 }
 
+/// Reads `/v1/feed/stream` until it has been quiet for a second once `finished` is set; returns
+/// the latest view of each account and the last id.
+async fn stream_views(
+    client: reqwest::Client,
+    url: String,
+    finished: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (BTreeMap<String, Value>, i64) {
+    let mut response = client.get(url).send().await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let (mut views, mut last_id) = (BTreeMap::new(), 0);
+    let (mut buffer, mut data, mut id) = (String::new(), String::new(), None::<i64>);
+    loop {
+        let chunk = match tokio::time::timeout(Duration::from_secs(1), response.chunk()).await {
+            Ok(Ok(Some(chunk))) => chunk,
+            Err(_) if finished.load(std::sync::atomic::Ordering::SeqCst) => {
+                return (views, last_id);
+            }
+            Err(_) => continue,
+            Ok(_) => panic!("the stream ended"),
+        };
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find('\n') {
+            let line: String = buffer.drain(..=end).collect();
+            let line = line.trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                if let Some(position) = id.take() {
+                    let view: Value = serde_json::from_str(&data).unwrap();
+                    assert!(position > last_id, "the stream went back");
+                    last_id = position;
+                    views.insert(view["account_id"].as_str().unwrap().to_owned(), view);
+                }
+                data.clear();
+            } else if let Some(value) = line.strip_prefix("id:") {
+                id = value.trim().parse().ok();
+            } else if let Some(value) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(value.strip_prefix(' ').unwrap_or(value));
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn followers_of_the_feed_under_concurrent_ingest_end_equal_to_the_snapshots() {
     let app = spawn_app().await;
@@ -100,14 +144,39 @@ async fn followers_of_the_feed_under_concurrent_ingest_end_equal_to_the_snapshot
     })
     .await;
     let cursor = middle["next_after"].as_i64().unwrap();
+    // And one of the SSE stream, from 0, reading while ingest goes on.
+    let projected = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let streamed = {
+        let (client, url) = (
+            app.client.clone(),
+            format!("{}/v1/feed/stream", app.address),
+        );
+        let finished = projected.clone();
+        tokio::spawn(async move { stream_views(client, url, finished).await })
+    };
     let (from_zero, from_middle) = tokio::join!(follow(&app, 0, done), follow(&app, cursor, done));
     sender.await.unwrap();
     app.wait_for_projection().await;
+    projected.store(true, std::sync::atomic::Ordering::SeqCst);
     let snapshots = views_of_snapshots(&app).await;
     assert_eq!(snapshots.len(), 40);
     assert_eq!(
         from_zero.0, snapshots,
         "the follower from 0 differs from the snapshots"
+    );
+    let last = snapshots
+        .values()
+        .map(|v| v["last_position"].as_i64().unwrap())
+        .max()
+        .unwrap();
+    let (streamed, streamed_to) = streamed.await.unwrap();
+    assert_eq!(
+        streamed_to, last,
+        "the stream did not reach the last change"
+    );
+    assert_eq!(
+        streamed, snapshots,
+        "the SSE follower differs from the snapshots"
     );
     // From the middle: every account changed after the cursor, at its latest view.
     let changed_after: BTreeMap<String, Value> = snapshots

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::Args;
 use crate::data::{analyze, load_interleaved, wait_projected};
+use crate::lag::{lags as checkpoint_lags, record_checkpoints};
 use crate::pg::url_for;
 use crate::report::{Row, row};
 use crate::server::{sending, start_server, stop_server, wait_ready};
@@ -159,7 +160,8 @@ async fn follow(
         from,
         stop.clone(),
     ));
-    let (recorder, seen) = crate::lag::record_checkpoints(pool).await?;
+    // The projection's own lag in the same run, as `lag` measures it: what the feed adds is the rest.
+    let (recorder, seen) = record_checkpoints(pool).await?;
     let steady = send(deliveries, &sending(base, args.connections, Some(1000.0))).await;
     eprintln!(
         "bench: ingest at 1,000/s under the follower: {}",
@@ -173,29 +175,36 @@ async fn follow(
         .context("the feed's follower did not reach the head")???;
     recorder.abort();
     let seen = seen.lock().expect("no poison").clone();
-    let cp = crate::lag::lags(&steady.acks, &seen)?;
-    eprintln!(
-        "DIAG checkpoint lag p50 {:.1} p99 {:.1}",
-        cp.value_at_quantile(0.5) as f64 / 1000.0,
-        cp.value_at_quantile(0.99) as f64 / 1000.0
-    );
+    let checkpoint = checkpoint_lags(&steady.acks, &seen)?;
     let (lag, unmatched) = lags(&steady.acks, &received)?;
-    let lag_ms = |q: f64| lag.value_at_quantile(q) as f64 / 1000.0;
+    anyhow::ensure!(!lag.is_empty(), "the follower received no view to time");
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     eprintln!(
-        "bench: feed lag over {} views received in {} pages ({unmatched} not matched to a delivery): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "bench: feed lag over {} views received in {} pages ({unmatched} matched no delivery): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; the checkpoint notification over {} events: p50 {:.1} ms, p99 {:.1} ms",
         lag.len(),
         received.len(),
-        lag_ms(0.5),
-        lag_ms(0.99),
-        lag.max() as f64 / 1000.0
+        ms(&lag, 0.5),
+        ms(&lag, 0.99),
+        lag.max() as f64 / 1000.0,
+        checkpoint.len(),
+        ms(&checkpoint, 0.5),
+        ms(&checkpoint, 0.99),
     );
-    anyhow::ensure!(!lag.is_empty(), "the follower received no view to time");
     Ok(row(
         &format!(
-            "feed lag at 1,000 events/s (200 → view received by a follower long-polling limit={LIMIT}&wait={WAIT}): p50 / p99"
+            "feed lag at 1,000 events/s (200 → view received by a follower long-polling limit={LIMIT}&wait={WAIT}): p50 / p99 (the rate ingest held)"
         ),
-        format!("{:.1} / {:.1} ms", lag_ms(0.5), lag_ms(0.99)),
-        "",
+        format!(
+            "{:.1} / {:.1} ms ({:.0}/s)",
+            ms(&lag, 0.5),
+            ms(&lag, 0.99),
+            steady.throughput()
+        ),
+        &format!(
+            "{:.1} / {:.1} ms (200 → checkpoint notification, same run)",
+            ms(&checkpoint, 0.5),
+            ms(&checkpoint, 0.99)
+        ),
         None,
         "p99 < 100 ms",
     ))
