@@ -21,7 +21,9 @@ pub fn parse(raw: &str) -> Option<Duration> {
     let seconds: f64 = number.parse().ok()?;
     // Any number of digits is a wait; a huge one is simply long (every route caps it).
     let seconds = (seconds * scale).min(1.0e9);
-    seconds.is_finite().then(|| Duration::from_secs_f64(seconds))
+    seconds
+        .is_finite()
+        .then(|| Duration::from_secs_f64(seconds))
 }
 
 /// The wait a query string asks for (zero if none or unreadable), at most [`MAX`]: what the time
@@ -54,7 +56,10 @@ mod tests {
             ("1e3", None),
             ("ten", None),
             ("1h", None),
-            ("320603698140142709963460", Some(Duration::from_secs(1_000_000_000))),
+            (
+                "320603698140142709963460",
+                Some(Duration::from_secs(1_000_000_000)),
+            ),
         ];
         for (raw, expected) in cases {
             assert_eq!(parse(raw), expected, "{raw}");
