@@ -463,16 +463,20 @@ async fn secrets_and_tokens_never_reach_the_logs() {
     }
 }
 
-/// Ends every session of the API-only app (as a Postgres restart would), and waits until they are gone.
+/// Ends every session of the API-only app (as a Postgres restart would), and waits until they are
+/// gone. (Sessions started since, such as the checkpoint listener reconnecting, may be there.)
 async fn terminate_api_sessions(pool: &sqlx::PgPool) {
-    let query = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+    let query = "SELECT now(), count(pg_terminate_backend(pid)) FROM pg_stat_activity
                  WHERE datname = current_database() AND application_name = 'account-projector api'";
-    sqlx::query(query).execute(pool).await.unwrap();
+    let (at, _): (chrono::DateTime<chrono::Utc>, i64) =
+        sqlx::query_as(query).fetch_one(pool).await.unwrap();
     poll_until("the API's sessions are gone", || async {
         let left: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = 'account-projector api'",
+             WHERE datname = current_database() AND application_name = 'account-projector api'
+               AND backend_start <= $1",
         )
+        .bind(at)
         .fetch_one(pool)
         .await
         .unwrap();
