@@ -177,19 +177,17 @@ pub(crate) async fn feed(
     let until = Instant::now() + wait;
     loop {
         let (accounts, next_after, checkpoint) = page(&state, after, limit).await?;
-        if !accounts.is_empty() || Instant::now() >= until {
-            return Ok(Json(FeedPage {
-                accounts,
-                next_after,
-            }));
+        // Nothing yet: sleep until the projector commits past what this page saw, or the wait ends.
+        if accounts.is_empty()
+            && Instant::now() < until
+            && state.checkpoint.passes(checkpoint, until).await
+        {
+            continue;
         }
-        // Nothing yet: sleep until the projector commits past what this page saw.
-        if !state.checkpoint.passes(checkpoint, until).await {
-            return Ok(Json(FeedPage {
-                accounts,
-                next_after,
-            }));
-        }
+        return Ok(Json(FeedPage {
+            accounts,
+            next_after,
+        }));
     }
 }
 

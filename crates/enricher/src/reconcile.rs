@@ -84,7 +84,7 @@ pub async fn on_schedule(
         // A session of its own, closed after the run: its lock must not outlive the run in a pool.
         let mut conn = store::acquire(pool).await?.detach();
         // A long run's queries (the missing accounts of a large base) are not request queries.
-        sqlx_free_timeout(&mut conn).await?;
+        store::set_statement_timeout(&mut conn, Duration::ZERO).await?;
         let outcome = run(
             &mut conn,
             &client,
@@ -109,11 +109,6 @@ pub async fn on_schedule(
             () = tokio::time::sleep(retry) => {}
         }
     }
-}
-
-/// Lifts the pool's statement timeout on a session of its own.
-async fn sqlx_free_timeout(conn: &mut PgConnection) -> store::Result<()> {
-    store::set_statement_timeout(conn, Duration::ZERO).await
 }
 
 /// A reconcile's patience with Argyle: a page is worth waiting for (429 and 5xx, honouring
@@ -188,10 +183,6 @@ pub trait Observer: Send + Sync {
     /// A removal was confirmed by a 404 and appended (or would be, in a dry run).
     fn removed(&self, _account: Uuid) {}
 }
-
-/// Observes nothing.
-pub struct Quiet;
-impl Observer for Quiet {}
 
 /// What a run did.
 #[derive(Debug, Clone, PartialEq)]
@@ -759,12 +750,7 @@ async fn commit_page(
         // The body carries the fetch time and run, so no two are the same event.
         store::log::append_fetched_in(&mut tx, &deliveries, Duration::ZERO).await?;
     }
-    match next {
-        // A page of the listing: the cursor moves on.
-        Some(next) => runs::page_done(&mut tx, run.id, counts, next).await?,
-        // A missing account fetched alone: only the counts.
-        None => runs::add_counts(&mut tx, run.id, counts).await?,
-    }
+    runs::record(&mut tx, run.id, counts, next).await?;
     store::commit(tx).await?;
     Ok(counts)
 }

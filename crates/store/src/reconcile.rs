@@ -178,19 +178,23 @@ pub async fn mark_listed(
     .await?)
 }
 
-/// Records a page done (call in the transaction that appends what it found): its counts, and
-/// where the listing goes on (`None`: it is complete).
-pub async fn page_done(
+/// Adds to a run's counts, in the transaction that appends what they count. With `page`, that is
+/// a page of the listing: the page count moves and the cursor goes to where the listing goes on
+/// (`None`: it is complete); without, an account fetched alone, and the cursor stays.
+pub async fn record(
     conn: &mut PgConnection,
     run_id: i64,
     counts: Counts,
-    next_url: Option<&str>,
+    page: Option<Option<&str>>,
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE reconcile_runs SET pages = pages + 1, listed = listed + $2, new = new + $3,
+        "UPDATE reconcile_runs SET listed = listed + $2, new = new + $3,
              newer_at_argyle = newer_at_argyle + $4, unchanged = unchanged + $5,
              newer_here = newer_here + $6, removed_here = removed_here + $7,
-             unreadable = unreadable + $8, next_url = $9, listing_done = $9 IS NULL,
+             unreadable = unreadable + $8,
+             pages = pages + CASE WHEN $9 THEN 1 ELSE 0 END,
+             next_url = CASE WHEN $9 THEN $10 ELSE next_url END,
+             listing_done = CASE WHEN $9 THEN $10 IS NULL ELSE listing_done END,
              updated_at = now()
          WHERE id = $1",
     )
@@ -202,7 +206,8 @@ pub async fn page_done(
     .bind(counts.newer_here)
     .bind(counts.removed_here)
     .bind(counts.unreadable)
-    .bind(next_url)
+    .bind(page.is_some())
+    .bind(page.flatten())
     .execute(conn)
     .await?;
     Ok(())
@@ -319,28 +324,6 @@ pub async fn finish(conn: &mut PgConnection, run_id: i64, outcome: &Outcome) -> 
         .execute(&mut *tx)
         .await?;
     crate::commit(tx).await
-}
-
-/// Adds to a run's counts without moving its cursor (an account fetched alone).
-pub async fn add_counts(conn: &mut PgConnection, run_id: i64, counts: Counts) -> Result<()> {
-    sqlx::query(
-        "UPDATE reconcile_runs SET listed = listed + $2, new = new + $3,
-             newer_at_argyle = newer_at_argyle + $4, unchanged = unchanged + $5,
-             newer_here = newer_here + $6, removed_here = removed_here + $7,
-             unreadable = unreadable + $8, updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(run_id)
-    .bind(counts.listed)
-    .bind(counts.new)
-    .bind(counts.newer_at_argyle)
-    .bind(counts.unchanged)
-    .bind(counts.newer_here)
-    .bind(counts.removed_here)
-    .bind(counts.unreadable)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Counts one confirmed removal (call in the transaction that appends it).
