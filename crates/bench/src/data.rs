@@ -4,6 +4,15 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+/// The bench's key-encryption key (DATA_KEYS of the servers it starts): a fixed key, so the
+/// data it loads through the store opens in the server. Never a production key.
+pub const DATA_KEY: &str = "YmVuY2gtb25seS1rZXktZW5jcnlwdGlvbi1rZXkhIT8=";
+
+/// A vault with [`DATA_KEY`]: what every scenario seals with (encryption at rest is the default).
+pub fn vault() -> store::keys::Vault {
+    store::keys::Vault::new(sealing::KeyRing::parse(DATA_KEY).expect("the bench key parses"))
+}
+
 /// Waits until the projector's checkpoint reaches the head of the log.
 pub async fn wait_projected(pool: &store::PgPool) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
@@ -14,9 +23,19 @@ pub async fn wait_projected(pool: &store::PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Appends `bodies` straight into the log through the store, in batches (for setting up data).
+/// Appends `bodies` straight into the log through the store, in batches (for setting up data),
+/// sealed with [`vault`].
 pub async fn append_bodies(
     pool: &store::PgPool,
+    bodies: impl Iterator<Item = Vec<u8>>,
+) -> anyhow::Result<usize> {
+    append_bodies_with(pool, &vault(), bodies).await
+}
+
+/// [`append_bodies`] with `vault` instead (e.g. [`store::keys::Vault::plaintext`], encryption off).
+pub async fn append_bodies_with(
+    pool: &store::PgPool,
+    vault: &store::keys::Vault,
     bodies: impl Iterator<Item = Vec<u8>>,
 ) -> anyhow::Result<usize> {
     let mut batch = Vec::with_capacity(1000);
@@ -26,22 +45,33 @@ pub async fn append_bodies(
         let envelope = domain::Envelope::parse(&body)?;
         batch.push(store::log::Delivery::new(&body, None, &envelope));
         if batch.len() == 1000 {
-            count += store::log::append_in(&mut conn, &batch, Duration::from_secs(86_400))
+            count += store::log::append_in(&mut conn, vault, &batch, Duration::from_secs(86_400))
                 .await?
                 .len();
             batch.clear();
         }
     }
-    count += store::log::append_in(&mut conn, &batch, Duration::from_secs(86_400))
+    count += store::log::append_in(&mut conn, vault, &batch, Duration::from_secs(86_400))
         .await?
         .len();
     Ok(count)
 }
 
 /// Appends `events` refinements spread over `accounts` new accounts, interleaved step by step across
-/// all of them as live traffic is; returns how many.
+/// all of them as live traffic is, sealed with [`vault`]; returns how many.
 pub async fn load_interleaved(
     pool: &store::PgPool,
+    events: usize,
+    accounts: usize,
+) -> anyhow::Result<usize> {
+    load_interleaved_with(pool, &vault(), events, accounts).await
+}
+
+/// [`load_interleaved`] with `vault` instead (e.g. [`store::keys::Vault::plaintext`], encryption
+/// off).
+pub async fn load_interleaved_with(
+    pool: &store::PgPool,
+    vault: &store::keys::Vault,
     events: usize,
     accounts: usize,
 ) -> anyhow::Result<usize> {
@@ -54,7 +84,7 @@ pub async fn load_interleaved(
         ids.iter()
             .map(move |(account, user)| refinement(*account, *user, step))
     });
-    let appended = append_bodies(pool, bodies.take(events)).await?;
+    let appended = append_bodies_with(pool, vault, bodies.take(events)).await?;
     let load_secs = started.elapsed().as_secs_f64();
     eprintln!(
         "bench: loaded {appended} events in {load_secs:.1} s ({:.0}/s through append_webhooks, batches of 1,000)",

@@ -105,7 +105,7 @@ async fn measure(
 }
 
 /// Checks that the log holds `acknowledged` deliveries (events and redeliveries); returns them.
-async fn expect_deliveries(pool: &store::PgPool, acknowledged: usize) -> anyhow::Result<i64> {
+pub async fn expect_deliveries(pool: &store::PgPool, acknowledged: usize) -> anyhow::Result<i64> {
     let counts = store::log::counts(&mut *pool.acquire().await?).await?;
     anyhow::ensure!(
         counts.deliveries as usize == acknowledged,

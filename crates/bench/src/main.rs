@@ -23,6 +23,9 @@
 //!   100,000 accounts: the command's peak RSS at both (flat) and its accounts/s.
 //! - [`feed`]: the compacted change feed on a log of 100,000 events over 10,000 accounts: read
 //!   whole a page of 1,000 at a time (pages/s), and a follower's lag at 1,000 events/s.
+//! - [`encryption`]: encryption at rest on (`DATA_KEYS`) against off (`ALLOW_PLAINTEXT_LOG`),
+//!   each on a fresh database: ingest alone, rebuild of 200,000 events over 10,000 accounts, and
+//!   time travel over an account with 10,000 events; off is each row's baseline.
 //!
 //! Shared by them:
 //! - [`report`]: the rows and the Markdown table printed at the end.
@@ -36,6 +39,7 @@
 
 mod baseline;
 mod data;
+mod encryption;
 mod feed;
 mod ingest;
 mod lag;
@@ -88,8 +92,14 @@ struct Args {
     /// Accounts those events are spread over.
     #[arg(long, default_value_t = 10_000)]
     feed_accounts: usize,
+    /// Events in the log for encryption's rebuild runs (on, then off).
+    #[arg(long, default_value_t = 200_000)]
+    encryption_events: usize,
+    /// Accounts those events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    encryption_accounts: usize,
     /// Run only this scenario (the others are skipped); all of them when absent.
-    #[arg(long, value_name = "SCENARIO", value_parser = ["reconcile", "feed"])]
+    #[arg(long, value_name = "SCENARIO", value_parser = ["reconcile", "feed", "encryption"])]
     only: Option<String>,
 }
 
@@ -125,6 +135,10 @@ async fn main() -> anyhow::Result<()> {
     // 6. The change feed: read whole, and followed while ingest runs.
     if only("feed") {
         feed::run(&args, &mut rows).await?;
+    }
+    // 7. Encryption at rest: ingest, rebuild and time travel, on against off.
+    if only("encryption") {
+        encryption::run(&args, &mut rows).await?;
     }
 
     report::print(&rows, cores, &version, args.connections, args.seconds)?;

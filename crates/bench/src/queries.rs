@@ -122,22 +122,8 @@ async fn time_travel(
     let mut conn = pool.acquire().await?;
     let head = store::log::head(&mut conn).await?;
     drop(conn);
-    let mut times = vec![];
-    for _ in 0..20 {
-        let started = Instant::now();
-        let response = client
-            .get(format!("{base}/v1/accounts/{account}?at_position={head}"))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status() == 200,
-            "time travel answered {}",
-            response.status()
-        );
-        let _ = response.bytes().await?;
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(f64::total_cmp);
+    let url = format!("{base}/v1/accounts/{account}?at_position={head}");
+    let times = time_travel_reads(client, &url, 20).await?;
     eprintln!(
         "bench: time travel over 10,000 events: median {:.1} ms, max {:.1} ms",
         times[10], times[19]
@@ -149,4 +135,27 @@ async fn time_travel(
         None,
         "< 100 ms",
     ))
+}
+
+/// `reads` time-travel GETs of `url`, one after the other: each one's time in milliseconds,
+/// sorted. Every one must answer 200.
+pub async fn time_travel_reads(
+    client: &reqwest::Client,
+    url: &str,
+    reads: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(reads);
+    for _ in 0..reads {
+        let started = Instant::now();
+        let response = client.get(url).send().await?;
+        anyhow::ensure!(
+            response.status() == 200,
+            "time travel answered {}",
+            response.status()
+        );
+        let _ = response.bytes().await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
 }

@@ -27,7 +27,9 @@ pub async fn run(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         analyze(&mut conn).await;
     }
     let started = Instant::now();
-    let status = Command::new(&args.server)
+    let mut command = Command::new(&args.server);
+    crate::server::with_data_keys(&mut command, true);
+    let status = command
         .args(["rebuild"])
         .env("DATABASE_URL", &rebuild_db)
         .env("RUST_LOG", "warn")

@@ -132,7 +132,9 @@ async fn measure(
 /// while it runs: (the last peak read before it exited, in MB; seconds of the whole command).
 async fn reconcile(args: &Args, database_url: &str, api_url: &str) -> anyhow::Result<(f64, f64)> {
     let started = Instant::now();
-    let mut child = Command::new(&args.server)
+    let mut command = Command::new(&args.server);
+    crate::server::with_data_keys(&mut command, true);
+    let mut child = command
         .args(["reconcile", "--rate", RATE])
         .env("DATABASE_URL", database_url)
         .env("ARGYLE_API_URL", api_url)

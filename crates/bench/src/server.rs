@@ -13,16 +13,30 @@ pub const SECRET: &str = "bench_webhook_secret";
 /// The servers' logs (warnings and errors), appended to by every run.
 pub const SERVER_LOG: &str = "target/bench-server.log";
 
-/// Starts `serve --role <role>` on a free port; returns the process and its base URL.
+/// Starts `serve --role <role>` on a free port, with encryption at rest ([`DATA_KEY`]); returns the
+/// process and its base URL.
+///
+/// [`DATA_KEY`]: crate::data::DATA_KEY
 pub fn start_server(
     binary: &str,
     database_url: &str,
     role: &str,
 ) -> anyhow::Result<(std::process::Child, String)> {
+    start_server_with(binary, database_url, role, true)
+}
+
+/// [`start_server`], with encryption at rest on (`encrypted`) or off: see [`with_data_keys`].
+pub fn start_server_with(
+    binary: &str,
+    database_url: &str,
+    role: &str,
+    encrypted: bool,
+) -> anyhow::Result<(std::process::Child, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let server = Command::new(binary)
+    let mut server = Command::new(binary);
+    server
         .args(["serve", "--no-migrate", "--role", role])
         .env("DATABASE_URL", database_url)
         .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
@@ -30,12 +44,26 @@ pub fn start_server(
         // The query API without a token, on loopback only: the load generator reads it without one.
         .env("ALLOW_OPEN_API", "true")
         .env("DATABASE_MAX_CONNECTIONS", "32")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn");
+    let server = with_data_keys(&mut server, encrypted)
         .stdin(Stdio::null())
         .stderr(server_log()?)
         .spawn()
         .with_context(|| format!("could not start {binary} (cargo build --release first)"))?;
     Ok((server, format!("http://127.0.0.1:{port}")))
+}
+
+/// Sets encryption at rest on `command` (the service binary, any subcommand): on (`encrypted`),
+/// `DATA_KEYS` = [`DATA_KEY`], what [`crate::data::vault`] seals with; off, no `DATA_KEYS` and
+/// `ALLOW_PLAINTEXT_LOG=true`, what [`store::keys::Vault::plaintext`] writes.
+///
+/// [`DATA_KEY`]: crate::data::DATA_KEY
+pub fn with_data_keys(command: &mut Command, encrypted: bool) -> &mut Command {
+    command.env_remove("DATA_KEYS").env_remove("DATA_KEYS_FILE");
+    match encrypted {
+        true => command.env("DATA_KEYS", crate::data::DATA_KEY),
+        false => command.env("ALLOW_PLAINTEXT_LOG", "true"),
+    }
 }
 
 /// Where the servers' logs go (appended): [`SERVER_LOG`]. The run with a wrong signature alone
