@@ -42,10 +42,13 @@
 --   migrate                   the owner; the service role may run it on a current schema (it
 --                             then does nothing) and is refused, with a sentence saying so, when
 --                             migrations are pending
---   erasure, web pages (later versions): the migration that adds each
---                             extends grant_service_role() with exactly its tables: erasure destroys
---                             account keys through a SECURITY DEFINER function of its own (the
---                             log stays append-only); the pages read what the api role reads.
+--   every command that reads or writes bodies (serve, rebuild, export, reconcile, erase)
+--                             SELECT account_keys; INSERT (account_id, kek_id, wrapped_key)
+--                             account_keys (a new account's key; never UPDATE or DELETE)
+--   erase                     EXECUTE erase_account (SECURITY DEFINER: appends the erasure and
+--                             destroys the key, V16); advisory lock (the append lock)
+--   keys rotate, keys seal    the owner (they change keys, and seal the log's plaintext rows)
+--   web pages (a later version): what the api role reads, added by its migration.
 --
 -- An installation that ran as `postgres` so far: after this script, give the existing objects
 -- to the owner (in the database, as an administrator: ALTER TABLE / VIEW / FUNCTION ... OWNER TO

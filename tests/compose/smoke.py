@@ -233,6 +233,8 @@ def run(binary):
         os.environ,
         ARGYLE_WEBHOOK_SECRETS=SECRET,
         API_TOKENS=TOKEN,
+        # Any 32 bytes, base64: the stack refuses to start without DATA_KEYS.
+        DATA_KEYS="c21va2UtdGVzdC1rZXktZW5jcnlwdGlvbi1rZXkhIT8=",
         ARGYLE_API_URL=f"http://127.0.0.1:{argyle.server_address[1]}/v2",
         ARGYLE_API_KEY_ID=API_KEY[0],
         ARGYLE_API_KEY_SECRET=API_KEY[1],

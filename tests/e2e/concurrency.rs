@@ -79,9 +79,14 @@ async fn one_append_call_numbers_new_bodies_densely_and_points_repeats_at_their_
             .collect()
     };
     let mut conn = pool.acquire().await.unwrap();
-    let first = store::log::append_in(&mut conn, &deliveries(&[&logged], &["s0"]), window)
-        .await
-        .unwrap();
+    let first = store::log::append_in(
+        &mut conn,
+        &test_support::vault(),
+        &deliveries(&[&logged], &["s0"]),
+        window,
+    )
+    .await
+    .unwrap();
     assert_eq!(first[0].position, 1);
 
     // One call: a new body, a body already in the log, the new body again, two more new bodies
@@ -90,12 +95,13 @@ async fn one_append_call_numbers_new_bodies_densely_and_points_repeats_at_their_
         &[&a, &logged, &a, &b, &c, &b],
         &["s1", "s2", "s3", "s4", "s5", "s6"],
     );
-    let answers: Vec<(i64, bool)> = store::log::append_in(&mut conn, &call, window)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|a| (a.position, a.duplicate))
-        .collect();
+    let answers: Vec<(i64, bool)> =
+        store::log::append_in(&mut conn, &test_support::vault(), &call, window)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.position, a.duplicate))
+            .collect();
     assert_eq!(
         answers,
         [
@@ -107,11 +113,14 @@ async fn one_append_call_numbers_new_bodies_densely_and_points_repeats_at_their_
             (3, true)
         ]
     );
-    let events: Vec<(i64, Vec<u8>, String)> =
-        sqlx::query_as("SELECT position, body, signature FROM events ORDER BY position")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let events: Vec<(i64, Vec<u8>, String)> = logged_events(&pool)
+        .await
+        .into_iter()
+        .map(|e| match e.body {
+            store::keys::Opened::Plain(body) => (e.position, body, e.signature.unwrap()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
     assert_eq!(
         events,
         [
@@ -159,7 +168,7 @@ async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
     // Transaction one appends position 1 and does not commit yet.
     let mut first = pool.begin().await.unwrap();
     let delivery = store::log::Delivery::new(&a, None, &ea);
-    let appended = store::log::append_in(&mut first, &[delivery], window)
+    let appended = store::log::append_in(&mut first, &test_support::vault(), &[delivery], window)
         .await
         .unwrap();
     assert_eq!(appended[0].position, 1);
@@ -169,7 +178,7 @@ async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
         let pool = pool.clone();
         async move {
             let delivery = store::log::Delivery::new(&b, None, &eb);
-            store::log::append(&pool, &delivery, window)
+            store::log::append(&pool, &test_support::vault(), &delivery, window)
                 .await
                 .unwrap()
                 .position
@@ -190,7 +199,7 @@ async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
     .await;
     let mut reader = pool.acquire().await.unwrap();
     assert!(
-        store::log::read_after(&mut reader, 0, 10)
+        store::log::read_after(&mut reader, &test_support::vault(), 0, 10)
             .await
             .unwrap()
             .is_empty()
@@ -201,7 +210,7 @@ async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
     );
     first.commit().await.unwrap();
     assert_eq!(second.await.unwrap(), 2);
-    let seen: Vec<i64> = store::log::read_after(&mut reader, 0, 10)
+    let seen: Vec<i64> = store::log::read_after(&mut reader, &test_support::vault(), 0, 10)
         .await
         .unwrap()
         .iter()
@@ -411,7 +420,11 @@ fn snapshot_reader(app: &TestApp, timeout: Duration) -> api::reader::SnapshotRea
         ..store::DbOptions::default()
     };
     let pool = store::pool(&app.database_url, &options).unwrap();
-    api::reader::SnapshotReader::start(store::kept::KeptConnections::new(pool, 1), timeout)
+    api::reader::SnapshotReader::start(
+        store::kept::KeptConnections::new(pool, 1),
+        test_support::vault(),
+        timeout,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -397,9 +397,14 @@ async fn the_stream_sends_heartbeats_cuts_off_a_reader_that_stops_and_resumes_fr
                 store::log::Delivery::new(&body, None, &envelope)
             })
             .collect();
-        store::log::append_in(&mut conn, &deliveries, Duration::from_secs(60))
-            .await
-            .unwrap();
+        store::log::append_in(
+            &mut conn,
+            &test_support::vault(),
+            &deliveries,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
     }
     drop(conn);
     app.wait_for_projection().await;

@@ -26,23 +26,24 @@ async fn a_signed_delivery_is_stored_verbatim_before_the_200() {
     assert_eq!(row.get::<String, _>("event"), "accounts.added");
     assert_eq!(row.get::<String, _>("account_id"), ACCOUNT);
     assert_eq!(row.get::<String, _>("user_id"), USER);
+    // Stored sealed (docs/erasure.md), and opened to exactly the bytes received.
+    let stored = row.get::<Vec<u8>, _>("body");
+    assert!(sealing::is_sealed(&stored));
+    assert!(!String::from_utf8_lossy(&stored).contains("Whole Foods"));
     assert_eq!(
-        row.get::<Vec<u8>, _>("body"),
+        logged_body(&app.pool, 1).await,
         body,
         "the raw bytes are kept exactly"
     );
     assert_eq!(row.get::<String, _>("signature"), sign(&body));
     assert!(row.get::<bool, _>("past"));
-    // Queries by hand read the body as JSON through the view.
-    let payload: serde_json::Value =
-        sqlx::query_scalar("SELECT payload FROM events_json WHERE position = 1")
+    // Queries by hand see, through the view, that the body is sealed, and no payload.
+    let (payload, sealed): (Option<serde_json::Value>, bool) =
+        sqlx::query_as("SELECT payload, sealed FROM events_json WHERE position = 1")
             .fetch_one(&app.pool)
             .await
             .unwrap();
-    assert_eq!(
-        payload,
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
-    );
+    assert_eq!((payload, sealed), (None, true));
     app.stop().await;
 }
 

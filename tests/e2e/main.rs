@@ -8,6 +8,7 @@ mod argyle;
 mod audit;
 mod concurrency;
 mod crash;
+mod erasure;
 mod feed;
 mod hostile;
 mod ingest;

@@ -31,7 +31,7 @@ fn resource_with(account: Uuid, updated_at: &str, extra: &str) -> String {
 /// The quarantined positions, with who refused each.
 async fn quarantine(pool: &sqlx::PgPool) -> BTreeSet<(i64, String)> {
     let mut conn = pool.acquire().await.unwrap();
-    store::quarantine::all(&mut conn)
+    store::quarantine::all(&mut conn, &test_support::vault())
         .await
         .unwrap()
         .into_iter()
@@ -41,11 +41,7 @@ async fn quarantine(pool: &sqlx::PgPool) -> BTreeSet<(i64, String)> {
 
 /// The stored body of `position`, byte for byte.
 async fn stored_body(pool: &sqlx::PgPool, position: i64) -> Vec<u8> {
-    sqlx::query_scalar("SELECT body FROM events WHERE position = $1")
-        .bind(position)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    logged_body(pool, position).await
 }
 
 /// The raw JSON text of the account's resource as the API serves it.
@@ -62,9 +58,14 @@ async fn served_resource(app: &TestApp, account: Uuid) -> Option<String> {
 }
 
 async fn assert_verify_agrees(pool: &sqlx::PgPool) {
-    let differences = projector::rebuild::verify(pool, None, &projector::rebuild::Silent)
-        .await
-        .unwrap();
+    let differences = projector::rebuild::verify(
+        pool,
+        &test_support::vault(),
+        None,
+        &projector::rebuild::Silent,
+    )
+    .await
+    .unwrap();
     assert!(differences.is_empty(), "verify: {differences:?}");
 }
 
@@ -219,9 +220,13 @@ async fn every_named_class_of_odd_event_is_logged_and_applied_or_quarantined_whi
     // A rebuild agrees with the live projector on every snapshot and on what is quarantined.
     assert_verify_agrees(&app.pool).await;
     let before = quarantine(&app.pool).await;
-    projector::rebuild::rebuild_all(&app.pool, &projector::rebuild::Silent)
-        .await
-        .unwrap();
+    projector::rebuild::rebuild_all(
+        &app.pool,
+        &test_support::vault(),
+        &projector::rebuild::Silent,
+    )
+    .await
+    .unwrap();
     assert_eq!(quarantine(&app.pool).await, before);
     assert_verify_agrees(&app.pool).await;
     app.stop().await;
@@ -350,15 +355,21 @@ async fn a_snapshot_the_database_refuses_mid_batch_quarantines_exactly_its_event
     let head = head(&app.pool).await;
     let mut batches = 0;
     while checkpoint(&app.pool).await < head {
-        projector::run_batch(&mut conn, 1000).await.unwrap();
+        projector::run_batch(&mut conn, &test_support::vault(), 1000)
+            .await
+            .unwrap();
         batches += 1;
         assert!(batches < 40, "the projector keeps moving");
     }
-    let quarantined: Vec<(i64, String, String)> =
-        sqlx::query_as("SELECT position, refused_by, error FROM quarantine")
-            .fetch_all(&app.pool)
+    let quarantined: Vec<(i64, String, String)> = {
+        let mut conn = app.pool.acquire().await.unwrap();
+        store::quarantine::all(&mut conn, &test_support::vault())
             .await
-            .unwrap();
+            .unwrap()
+            .into_iter()
+            .map(|q| (q.position, q.refused_by, q.error.unwrap()))
+            .collect()
+    };
     assert_eq!(quarantined.len(), 1, "{quarantined:?}");
     assert_eq!(quarantined[0].0, refused_position);
     assert_eq!(quarantined[0].1, "store");
@@ -377,9 +388,13 @@ async fn a_snapshot_the_database_refuses_mid_batch_quarantines_exactly_its_event
     }
     // Verify and rebuild agree: the refused event is left out of every fold.
     assert_verify_agrees(&app.pool).await;
-    projector::rebuild::rebuild_all(&app.pool, &projector::rebuild::Silent)
-        .await
-        .unwrap();
+    projector::rebuild::rebuild_all(
+        &app.pool,
+        &test_support::vault(),
+        &projector::rebuild::Silent,
+    )
+    .await
+    .unwrap();
     assert_verify_agrees(&app.pool).await;
     assert_eq!(quarantine(&app.pool).await.len(), 1);
     app.stop().await;
@@ -401,9 +416,13 @@ async fn a_rebuild_isolates_a_snapshot_the_database_refuses_as_the_projector_doe
     }
     // The trigger refuses every write of the account: its first event is the one isolated, and
     // its second, refused as well, too.
-    projector::rebuild::rebuild_all(&app.pool, &projector::rebuild::Silent)
-        .await
-        .unwrap();
+    projector::rebuild::rebuild_all(
+        &app.pool,
+        &test_support::vault(),
+        &projector::rebuild::Silent,
+    )
+    .await
+    .unwrap();
     let quarantined = quarantine(&app.pool).await;
     assert_eq!(
         quarantined,

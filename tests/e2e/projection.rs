@@ -220,7 +220,9 @@ async fn a_burst_of_a_thousand_refinements_writes_the_snapshot_once() {
         append_direct(&pool, &refinement(account, user, step)).await;
     }
     let mut conn = pool.acquire().await.unwrap();
-    let outcome = projector::run_batch(&mut conn, 1000).await.unwrap();
+    let outcome = projector::run_batch(&mut conn, &test_support::vault(), 1000)
+        .await
+        .unwrap();
     assert_eq!(outcome.events, 1000);
     assert_eq!(outcome.snapshots_written, 1);
     assert_eq!(outcome.checkpoint, 1000);
@@ -233,7 +235,10 @@ async fn a_burst_of_a_thousand_refinements_writes_the_snapshot_once() {
     assert_eq!(snapshot.version, 1000);
     assert_eq!(snapshot.resource.unwrap().value()["step"], 999);
     assert_eq!(
-        projector::run_batch(&mut conn, 1000).await.unwrap().events,
+        projector::run_batch(&mut conn, &test_support::vault(), 1000)
+            .await
+            .unwrap()
+            .events,
         0,
         "nothing left"
     );
@@ -289,8 +294,9 @@ async fn the_sql_filter_of_folded_events_is_the_rust_rule() {
         append_direct(&pool, &serde_json::to_vec(&body).unwrap()).await;
     }
     let mut conn = pool.acquire().await.unwrap();
+    let vault = test_support::vault();
     let head = store::log::head(&mut conn).await.unwrap();
-    let by_sql: Vec<String> = store::log::account_events_by_account(&mut conn, head, None)
+    let by_sql: Vec<String> = store::log::account_events_by_account(&mut conn, &vault, head, None)
         .map_ok(|stored| stored.event)
         .try_collect()
         .await

@@ -324,6 +324,7 @@ async fn secrets_and_tokens_never_reach_the_logs() {
         .env("LISTEN_ADDR", &listen)
         .env("ARGYLE_WEBHOOK_SECRETS", format!("old-secret-77,{secret}"))
         .env("API_TOKENS", token)
+        .env("DATA_KEYS", DATA_KEY)
         .env("ARGYLE_API_URL", format!("{}/v2", argyle.uri()))
         .env("ARGYLE_API_KEY_ID", crate::argyle::KEY_ID)
         .env("ARGYLE_API_KEY_SECRET", crate::argyle::KEY_SECRET)
@@ -458,6 +459,7 @@ async fn secrets_and_tokens_never_reach_the_logs() {
         signature.as_str(),
         crate::argyle::KEY_SECRET,
         basic_auth.as_str(),
+        DATA_KEY,
     ] {
         assert!(!logs.contains(needle), "{needle} leaked into the logs");
     }

@@ -43,6 +43,7 @@ async fn v1_is_closed_unless_tokens_are_configured_or_it_is_opened_on_purpose() 
     let database_url = migrated_database().await;
     let settings = |role: Role, tokens: &[&str], open: bool| {
         let mut settings = account_projector::Settings::new(database_url.clone());
+        settings.vault = test_support::vault();
         settings.listen_addr = "127.0.0.1:0".into();
         settings.webhook_secrets = vec![SECRET.into()];
         settings.role = role;
@@ -395,9 +396,25 @@ async fn every_role_and_command_runs_as_the_service_role_which_cannot_write_the_
         &["export"],
         &["status"],
         &["migrate"],
+        &[
+            "erase",
+            "--account",
+            ACCOUNT,
+            "--reason",
+            "service role test",
+        ],
     ] {
         let (code, _, stderr) = run_binary(&as_service, args, &[]).await;
         assert_eq!(code, 0, "{args:?} as the service: {stderr}");
+    }
+    // Rotating or sealing changes keys or the log's rows: the owner's, in one sentence.
+    for args in [&["keys", "rotate"][..], &["keys", "seal"]] {
+        let (code, _, stderr) = run_binary(&as_service, args, &[]).await;
+        assert_eq!(code, 1, "{args:?} as the service");
+        assert!(
+            stderr.contains("needs the schema's owner"),
+            "{args:?}: {stderr}"
+        );
     }
 
     // The service cannot write the log but through the functions, nor change the schema.
@@ -416,10 +433,16 @@ async fn every_role_and_command_runs_as_the_service_role_which_cannot_write_the_
         "ALTER TABLE events DISABLE TRIGGER events_append_only",
         "CREATE TABLE mine (id int)",
         "SELECT * FROM append_to_log('argyle_api', ARRAY['argyle.account_fetched'],
-             ARRAY[NULL::uuid], ARRAY[NULL::uuid], ARRAY['{}'::bytea], ARRAY[NULL::text], '0s')",
+             ARRAY[NULL::uuid], ARRAY[NULL::uuid], ARRAY['{}'::bytea], ARRAY[NULL::bytea],
+             ARRAY[NULL::text], '0s')",
         "DELETE FROM quarantine",
         "UPDATE quarantine SET error = 'x'",
         "SELECT grant_service_role('account_projector_service')",
+        // A key is destroyed only by erase_account, which records the erasure.
+        "DELETE FROM account_keys",
+        "UPDATE account_keys SET wrapped_key = NULL, kek_id = NULL, erased_at = now()",
+        "TRUNCATE account_keys",
+        "INSERT INTO account_keys (account_id, erased_at) VALUES (gen_random_uuid(), now())",
     ] {
         assert_eq!(
             sqlstate(&service, statement).await,
@@ -428,13 +451,13 @@ async fn every_role_and_command_runs_as_the_service_role_which_cannot_write_the_
         );
         refused += 1;
     }
-    assert_eq!(refused, 14);
+    assert_eq!(refused, 18);
     // append_fetched appends only the enricher's two names.
     assert_eq!(
         sqlstate(
             &service,
             "SELECT * FROM append_fetched(ARRAY['accounts.updated'], ARRAY[NULL::uuid],
-                 ARRAY[NULL::uuid], ARRAY['{}'::bytea], '0s')"
+                 ARRAY[NULL::uuid], ARRAY['{}'::bytea], ARRAY[NULL::bytea], '0s')"
         )
         .await,
         "22023"
@@ -520,6 +543,7 @@ async fn webhook_secrets_can_come_from_standard_input_or_a_file() {
     command
         .args(["export", "--webhook-secrets-file", "-"])
         .env("DATABASE_URL", &app.database_url)
+        .env("DATA_KEYS", DATA_KEY)
         .env("RUST_LOG", "warn")
         .env_remove("ARGYLE_WEBHOOK_SECRETS")
         .stdin(Stdio::piped())

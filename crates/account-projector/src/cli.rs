@@ -76,6 +76,97 @@ pub(crate) enum Command {
     /// Manage outbound webhook subscribers: receivers of every change of the projection, signed
     /// per the Standard Webhooks spec, delivered by the notifier role.
     Subscribers(SubscribersArgs),
+    /// Erase an account's personal data (or every account of a user): its key is destroyed, so
+    /// nothing can read its events, snapshot or messages again; the log keeps every row, and the
+    /// erasure is appended to it (when, why, by whom).
+    ///
+    /// Irreversible. The account then shows as `erased` everywhere; later webhooks for it are
+    /// logged but never readable. Exit status: 0 erased (or already erased), 1 error.
+    Erase(EraseArgs),
+    /// Key-encryption keys (DATA_KEYS) and account keys.
+    Keys(KeysArgs),
+}
+
+/// The key-encryption keys: every command that reads or writes personal data needs them.
+#[derive(clap::Args, Debug)]
+pub(crate) struct KeyArgs {
+    /// Comma-separated base64 32-byte key-encryption keys, newest first (rotation: add the new
+    /// key first, run `keys rotate`, then drop the old one). Without it (and without
+    /// --data-keys-file), a key is generated on first start into
+    /// ~/.config/account-projector/data-keys for local use.
+    #[arg(long, env = "DATA_KEYS", hide_env_values = true, value_parser = secret_value)]
+    pub(crate) data_keys: Option<Secret>,
+
+    /// Read the key-encryption keys from FILE instead (one per line or comma-separated; `#`
+    /// comments), so that they do not show in `ps` or the environment.
+    #[arg(
+        long,
+        env = "DATA_KEYS_FILE",
+        value_name = "FILE",
+        conflicts_with = "data_keys"
+    )]
+    pub(crate) data_keys_file: Option<PathBuf>,
+
+    /// Store new events unencrypted when no key is given (benchmarks and experiments: such
+    /// events cannot be erased).
+    #[arg(long, env = "ALLOW_PLAINTEXT_LOG")]
+    pub(crate) allow_plaintext_log: bool,
+}
+
+impl KeyArgs {
+    pub(crate) fn vault(&self) -> anyhow::Result<store::keys::Vault> {
+        account_projector::data_keys::vault(
+            self.data_keys.as_ref().map(Secret::expose),
+            self.data_keys_file.as_deref(),
+            self.allow_plaintext_log,
+        )
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct EraseArgs {
+    /// The account to erase.
+    #[arg(
+        long,
+        value_name = "ID",
+        required_unless_present = "user",
+        conflicts_with = "user"
+    )]
+    pub(crate) account: Option<Uuid>,
+
+    /// Erase every account of this user.
+    #[arg(long, value_name = "ID")]
+    pub(crate) user: Option<Uuid>,
+
+    /// Why (recorded in the log in plaintext: a ticket or request number, never personal data).
+    #[arg(long)]
+    pub(crate) reason: String,
+
+    /// Who asks (recorded with the reason); by default the login name.
+    #[arg(long, env = "USER", hide_env_values = true, default_value = "unknown")]
+    pub(crate) by: String,
+
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct KeysArgs {
+    #[command(subcommand)]
+    pub(crate) action: KeysAction,
+
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum KeysAction {
+    /// Re-wrap every live account key under the newest key-encryption key (the first of
+    /// DATA_KEYS), so that the older keys can be dropped. Resumable; run as the schema's owner.
+    Rotate,
+    /// Seal the event bodies (and their derived copies) written before encryption at rest: the
+    /// one sanctioned change to the log's rows. Resumable; recorded; run as the schema's owner.
+    Seal,
 }
 
 #[derive(clap::Args, Debug)]
@@ -242,6 +333,9 @@ pub(crate) struct ReconcileArgs {
 
     #[command(flatten)]
     pub(crate) argyle: ArgyleArgs,
+
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
 }
 
 fn max_wait(raw: &str) -> Result<humantime::Duration, String> {
@@ -305,6 +399,9 @@ pub(crate) struct RebuildArgs {
     /// Only this account.
     #[arg(long, value_name = "ID")]
     pub(crate) account: Option<Uuid>,
+
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -328,6 +425,9 @@ pub(crate) struct ExportArgs {
     /// Secrets to re-check signatures with; without any, `signature_valid` is null.
     #[command(flatten)]
     pub(crate) secrets: SecretArgs,
+
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
 }
 
 /// The webhook secrets, shared by `serve` and `export`.
@@ -515,6 +615,14 @@ pub(crate) struct ServeArgs {
     /// Largest number of database connections of this process.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = defaults().db.max_connections)]
     pub(crate) max_connections: u32,
+
+    /// The projector's leader erases an account this long after its `accounts.removed` (e.g.
+    /// 30d); `off` by default.
+    #[arg(long, env = "ERASE_REMOVED_AFTER", default_value_t = Interval(defaults().projector.erase_removed_after), value_parser = interval)]
+    pub(crate) erase_removed_after: Interval,
+
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
 }
 
 impl ServeArgs {
@@ -559,6 +667,9 @@ impl ServeArgs {
         settings.notifier.concurrency = self.notifier_concurrency.max(1);
         settings.feed.heartbeat = self.feed_heartbeat.into();
         settings.feed.send_timeout = self.feed_send_timeout.into();
+        settings.projector.erase_removed_after = self.erase_removed_after.0;
+        settings.vault = self.keys.vault()?;
+        settings.allow_plaintext_log = self.keys.allow_plaintext_log;
         Ok(settings)
     }
 }

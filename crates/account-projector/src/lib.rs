@@ -7,6 +7,8 @@
 //! - [`Application`]: validates the settings, migrates if asked, builds the router of the role,
 //!   binds the listener, and runs the chosen roles until a shutdown token fires. Tests build one
 //!   on port 0 against a database of their own.
+//! - [`data_keys`]: where the key-encryption keys come from (`DATA_KEYS`, a file, or one
+//!   generated for the quickstart).
 //! - [`export`]: the NDJSON audit export; [`progress`]: progress bars and lines for long work.
 //! - [`secret`]: secret values whose `Debug` hides them, and secrets read from a file or stdin.
 //! - [`supervisor`]: the background tasks of the roles, supervised crash-only.
@@ -15,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod data_keys;
 pub mod export;
 pub mod openapi;
 pub mod progress;
@@ -113,6 +116,11 @@ pub struct Settings {
     /// Outbound webhooks: the retry schedule and the pace.
     pub notifier: notifier::NotifierConfig,
     pub db: DbOptions,
+    /// Seals personal data at rest ([`data_keys`]); plaintext until keys are given.
+    pub vault: store::keys::Vault,
+    /// Run with no keys, storing new events unencrypted (`ALLOW_PLAINTEXT_LOG`); otherwise a
+    /// plaintext vault is refused.
+    pub allow_plaintext_log: bool,
 }
 
 impl std::fmt::Debug for Settings {
@@ -140,6 +148,8 @@ impl std::fmt::Debug for Settings {
             .field("feed", &self.feed)
             .field("notifier", &self.notifier)
             .field("db", &self.db)
+            .field("vault", &self.vault)
+            .field("allow_plaintext_log", &self.allow_plaintext_log)
             .finish()
     }
 }
@@ -197,6 +207,8 @@ impl Settings {
             feed: api::feed::FeedConfig::default(),
             notifier: notifier::NotifierConfig::default(),
             db: DbOptions::default(),
+            vault: store::keys::Vault::plaintext(),
+            allow_plaintext_log: false,
         }
     }
 }
@@ -206,6 +218,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     pool: PgPool,
+    vault: store::keys::Vault,
     projector: Option<ProjectorConfig>,
     enricher: Option<(argyle::Client, EnricherConfig)>,
     notifier: Option<notifier::NotifierConfig>,
@@ -256,6 +269,7 @@ impl Application {
             listener,
             router,
             pool,
+            vault: settings.vault.clone(),
             projector: settings.role.projects().then(|| settings.projector.clone()),
             enricher: checked.enricher,
             notifier: settings.role.notifies().then(|| settings.notifier.clone()),
@@ -285,6 +299,11 @@ impl Application {
         &self.pool
     }
 
+    /// What seals the service's data at rest.
+    pub fn vault(&self) -> &store::keys::Vault {
+        &self.vault
+    }
+
     /// Serves until `shutdown` fires, then stops accepting, lets in-flight requests and the
     /// projector's current batch finish, and returns.
     ///
@@ -298,15 +317,31 @@ impl Application {
             supervisor.spawn(name, task);
         }
         if let Some(config) = self.projector {
-            let task = projector::run(self.pool.clone(), config, shutdown.clone());
+            let task = projector::run(
+                self.pool.clone(),
+                self.vault.clone(),
+                config,
+                shutdown.clone(),
+            );
             supervisor.spawn("projector", Box::pin(task));
         }
         if let Some((client, config)) = self.enricher {
-            let task = enricher::run(self.pool.clone(), client, config, shutdown.clone());
+            let task = enricher::run(
+                self.pool.clone(),
+                self.vault.clone(),
+                client,
+                config,
+                shutdown.clone(),
+            );
             supervisor.spawn("enricher", Box::pin(task));
         }
         if let Some(config) = self.notifier {
-            let task = notifier::run(self.pool.clone(), config, shutdown.clone());
+            let task = notifier::run(
+                self.pool.clone(),
+                self.vault.clone(),
+                config,
+                shutdown.clone(),
+            );
             supervisor.spawn("notifier", Box::pin(task));
         }
         let refresh = self
@@ -355,6 +390,11 @@ struct Checked {
 /// may start with only because they were asked for.
 fn validate(settings: &Settings) -> anyhow::Result<Checked> {
     let role = settings.role;
+    if !settings.vault.encrypts() && !settings.allow_plaintext_log {
+        bail!(
+            "encryption at rest needs DATA_KEYS (base64 32-byte keys, newest first); set ALLOW_PLAINTEXT_LOG=true to store events unencrypted"
+        );
+    }
     secret::refuse_empty_entries("ARGYLE_WEBHOOK_SECRETS", &settings.webhook_secrets)?;
     secret::refuse_empty_entries("API_TOKENS", &settings.api_tokens)?;
     let secrets = Secrets::new(settings.webhook_secrets.iter().map(|s| s.trim()));
@@ -454,6 +494,7 @@ fn router_for_role(
     if settings.role.ingests() {
         let (committer, commit_loop) = ingest::Committer::new(
             pool.clone(),
+            settings.vault.clone(),
             settings.dedup_window,
             settings.max_commit_batch,
         );
@@ -473,13 +514,17 @@ fn router_for_role(
             pool.clone(),
             (settings.db.max_connections.saturating_sub(3) / 2) as usize,
         );
-        let (snapshots, read_loop) =
-            api::reader::SnapshotReader::new(kept.clone(), settings.database_timeout);
+        let (snapshots, read_loop) = api::reader::SnapshotReader::new(
+            kept.clone(),
+            settings.vault.clone(),
+            settings.database_timeout,
+        );
         loops.push(("reader", Box::pin(read_loop)));
         let (checkpoint, watch_loop) = api::feed::Checkpoint::watch(pool.clone());
         loops.push(("checkpoint watch", Box::pin(watch_loop)));
         router = router.merge(api::router(api::ApiState {
             snapshots,
+            vault: settings.vault.clone(),
             db: kept,
             tokens: settings
                 .api_tokens

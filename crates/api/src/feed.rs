@@ -128,7 +128,7 @@ async fn page(
 ) -> Result<(Vec<AccountView>, i64, i64), Problem> {
     let read = async {
         let mut conn = state.db.acquire().await?;
-        let page = store::snapshots::changed_after(&mut conn, after, limit).await?;
+        let page = store::snapshots::changed_after(&mut conn, &state.vault, after, limit).await?;
         conn.release();
         Ok::<_, store::Error>(page)
     };

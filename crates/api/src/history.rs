@@ -12,6 +12,7 @@ use futures_util::TryStreamExt;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use store::PgConnection;
+use store::keys::Opened;
 use store::log::{EventRecord, Until};
 use uuid::Uuid;
 
@@ -128,17 +129,27 @@ impl Params {
 
 /// Replays one account's events up to `until` with [`domain::apply`], exactly as the projector
 /// folds them (an event the fold refuses leaves the snapshot as it was).
+///
+/// An erased account is shown erased as of any time ([`AccountSnapshot::erased`]): its events'
+/// bodies cannot be read, and were they readable they would not be shown.
 pub(crate) async fn replay(
     conn: &mut PgConnection,
+    vault: &store::keys::Vault,
     account: Uuid,
     until: Until,
 ) -> Result<Option<AccountSnapshot>, store::Error> {
-    let mut events = store::log::account_history(conn, account, until);
+    let mut events = store::log::account_history(conn, vault, account, until);
     let mut snapshot = None;
+    let mut erased = false;
     while let Some(stored) = events.try_next().await? {
+        erased |= stored.body == Opened::Erased;
         snapshot = step(snapshot, &stored).0;
     }
-    Ok(snapshot)
+    Ok(if erased {
+        snapshot.map(AccountSnapshot::erased)
+    } else {
+        snapshot
+    })
 }
 
 /// One fold step ([`domain::step`], as every fold of the log); also says whether the event was
@@ -164,23 +175,38 @@ pub(crate) struct EventView {
     /// How many times Argyle delivered this exact body (1 + redeliveries).
     #[schema(minimum = 1)]
     deliveries: i64,
-    /// The webhook body exactly as received.
-    #[schema(value_type = Object)]
-    payload: Box<RawValue>,
+    /// The account's personal data was erased: `payload` is null for good.
+    erased: bool,
+    /// The webhook body exactly as received; null when erased or unreadable.
+    #[schema(value_type = Option<Object>)]
+    payload: Option<Box<RawValue>>,
+    /// Why the stored body cannot be read (it was altered in the table); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unreadable: Option<String>,
 }
 
 impl TryFrom<EventRecord> for EventView {
     type Error = Problem;
 
     fn try_from(record: EventRecord) -> Result<Self, Problem> {
-        // Ingest stored only bodies that parsed as JSON, so this holds unless the row was forged.
-        let payload = String::from_utf8(record.body)
-            .ok()
-            .and_then(|body| RawValue::from_string(body).ok())
-            .ok_or_else(|| {
-                tracing::error!(position = record.position, "stored body is not JSON");
-                Problem::internal()
-            })?;
+        let (payload, erased, unreadable) = match record.body {
+            // Ingest stored only bodies that parsed as JSON, so this holds unless the row was forged.
+            Opened::Plain(body) => {
+                let payload = String::from_utf8(body)
+                    .ok()
+                    .and_then(|body| RawValue::from_string(body).ok())
+                    .ok_or_else(|| {
+                        tracing::error!(position = record.position, "stored body is not JSON");
+                        Problem::internal()
+                    })?;
+                (Some(payload), false, None)
+            }
+            Opened::Erased => (None, true, None),
+            Opened::Unreadable(reason) => {
+                tracing::error!(position = record.position, %reason, "a stored body cannot be read");
+                (None, false, Some(reason))
+            }
+        };
         Ok(Self {
             position: record.position,
             event: record.event,
@@ -188,7 +214,9 @@ impl TryFrom<EventRecord> for EventView {
             user_id: record.user_id,
             received_at: record.received_at,
             deliveries: record.deliveries,
+            erased,
             payload,
+            unreadable,
         })
     }
 }
@@ -233,13 +261,15 @@ async fn page(
     let mut cut_short = false;
     {
         // Streamed, so the rows past the byte bound are never fetched into memory.
-        let mut rows = store::log::page(&mut conn, account, after, limit + 1);
+        let mut rows = store::log::page(&mut conn, &state.vault, account, after, limit + 1);
         while let Some(record) = rows.try_next().await? {
             if bytes >= PAGE_BODY_BYTES {
                 cut_short = true;
                 break;
             }
-            bytes += record.body.len();
+            if let Opened::Plain(body) = &record.body {
+                bytes += body.len();
+            }
             records.push(record);
         }
     }
@@ -303,9 +333,10 @@ pub(crate) struct Change {
     position: i64,
     event: String,
     received_at: DateTime<Utc>,
-    /// RFC 6902 operations turning the previous resource into this event's.
-    #[schema(value_type = Vec<Object>)]
-    patch: json_patch::Patch,
+    /// RFC 6902 operations turning the previous resource into this event's; null once the
+    /// account is erased.
+    #[schema(value_type = Option<Vec<Object>>)]
+    patch: Option<json_patch::Patch>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -336,9 +367,15 @@ pub(crate) async fn account_changes(
     let account = parse_id(&raw, "account_id")?;
     let (after, limit) = Params::parse(query.as_deref())?.page()?;
     let mut conn = state.db.acquire().await?;
+    if let Some(erasure) = store::keys::erased_at(&mut conn, account).await? {
+        let changes =
+            erased_changes(&mut conn, &state.vault, account, erasure, after, limit).await?;
+        conn.release();
+        return Ok(Json(changes));
+    }
     // The fold streams from the account's first event (the resource before `after` is needed for
     // the first patch), holding one snapshot; only this page's patches are built.
-    let mut events = store::log::account_history(&mut conn, account, Until::END);
+    let mut events = store::log::account_history(&mut conn, &state.vault, account, Until::END);
     let mut snapshot: Option<AccountSnapshot> = None;
     let mut changes = vec![];
     let mut next_after = None;
@@ -347,7 +384,7 @@ pub(crate) async fn account_changes(
         let (next, folded) = step(snapshot, &stored);
         snapshot = next;
         let after_resource = snapshot.as_ref().and_then(|s| s.resource.as_ref());
-        let changed = folded && after_resource.is_some() && before.as_ref() != after_resource;
+        let changed = folded && domain::resource_changed(before.as_ref(), after_resource);
         if !changed || stored.position <= after {
             continue;
         }
@@ -361,7 +398,7 @@ pub(crate) async fn account_changes(
             position: stored.position,
             event: stored.event.clone(),
             received_at: stored.received_at,
-            patch: json_patch::diff(&before, &after_value),
+            patch: Some(json_patch::diff(&before, &after_value)),
         });
     }
     drop(events);
@@ -372,13 +409,65 @@ pub(crate) async fn account_changes(
     }))
 }
 
+/// The changes of an erased account: the events its erasure recorded as having changed the
+/// resource (`erasure.changed_positions` of the erasure event at `erasure`), with no patch.
+async fn erased_changes(
+    conn: &mut PgConnection,
+    vault: &store::keys::Vault,
+    account: Uuid,
+    erasure: i64,
+    after: i64,
+    limit: i64,
+) -> Result<Changes, Problem> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        erasure: Facts,
+    }
+    #[derive(serde::Deserialize)]
+    struct Facts {
+        changed_positions: Vec<i64>,
+    }
+    let record: Option<EventRecord> = store::log::page(conn, vault, Some(account), erasure - 1, 1)
+        .try_next()
+        .await?;
+    let changed: std::collections::BTreeSet<i64> = match record.map(|r| r.body) {
+        Some(Opened::Plain(body)) => serde_json::from_slice::<Body>(&body)
+            .map(|b| b.erasure.changed_positions.into_iter().collect())
+            .unwrap_or_default(),
+        _ => Default::default(),
+    };
+    let mut changes = vec![];
+    let mut next_after = None;
+    let mut events = store::log::account_history(conn, vault, account, Until::END);
+    while let Some(stored) = events.try_next().await? {
+        if stored.position <= after || !changed.contains(&stored.position) {
+            continue;
+        }
+        if changes.len() as i64 == limit {
+            next_after = changes.last().map(|c: &Change| c.position);
+            break;
+        }
+        changes.push(Change {
+            position: stored.position,
+            event: stored.event,
+            received_at: stored.received_at,
+            patch: None,
+        });
+    }
+    Ok(Changes {
+        changes,
+        next_after,
+    })
+}
+
 /// An event the fold refused, with the reason.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct QuarantinedView {
     position: i64,
     event: String,
     account_id: Option<Uuid>,
-    error: String,
+    /// Why; null once the account is erased (the reason was sealed with its key).
+    error: Option<String>,
     quarantined_at: DateTime<Utc>,
 }
 
@@ -406,7 +495,7 @@ pub(crate) async fn quarantine(
 ) -> Result<Json<QuarantinePage>, Problem> {
     let (after, limit) = Params::parse(query.as_deref())?.page()?;
     let mut conn = state.db.acquire().await?;
-    let rows = store::quarantine::page(&mut conn, after, limit + 1).await?;
+    let rows = store::quarantine::page(&mut conn, &state.vault, after, limit + 1).await?;
     conn.release();
     let (rows, next_after) = cut_page(rows, limit, |r| r.position);
     let events = rows

@@ -39,6 +39,8 @@ pub struct ApiState {
     pub db: store::kept::KeptConnections,
     /// Current-snapshot lookups, shared between concurrent requests (see [`reader`]).
     pub snapshots: reader::SnapshotReader,
+    /// Opens what the store keeps sealed.
+    pub vault: store::keys::Vault,
     /// Accepted bearer tokens; empty means `/v1` is open.
     pub tokens: Vec<String>,
     /// A query that takes longer is answered 503: the database is unreachable or stuck.
@@ -177,7 +179,7 @@ async fn get_account(
         None => state.snapshots.get(account_id).await?,
         Some(until) => {
             let mut conn = state.db.acquire().await?;
-            let snapshot = history::replay(&mut conn, account_id, until).await?;
+            let snapshot = history::replay(&mut conn, &state.vault, account_id, until).await?;
             conn.release();
             snapshot
         }
@@ -211,7 +213,7 @@ async fn get_user_accounts(
 ) -> Result<Json<UserAccounts>, Problem> {
     let user_id = parse_id(&raw, "user_id")?;
     let mut conn = state.db.acquire().await?;
-    let accounts = store::snapshots::of_user(&mut conn, user_id)
+    let accounts = store::snapshots::of_user(&mut conn, &state.vault, user_id)
         .await?
         .iter()
         .map(AccountView::from)

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use domain::AccountSnapshot;
 use store::kept::KeptConnections;
+use store::keys::Vault;
 use uuid::Uuid;
 use web::batch::{Abandoned, Batcher, Handler};
 
@@ -35,8 +36,8 @@ impl SnapshotReader {
     /// Starts the reading task, which reads through `db`. A read not done within `timeout`
     /// (connection included) is abandoned and its lookups are answered 503, so one stuck
     /// connection cannot hold up every later lookup.
-    pub fn start(db: KeptConnections, timeout: Duration) -> Self {
-        let (reader, read_loop) = Self::new(db, timeout);
+    pub fn start(db: KeptConnections, vault: Vault, timeout: Duration) -> Self {
+        let (reader, read_loop) = Self::new(db, vault, timeout);
         tokio::spawn(read_loop);
         reader
     }
@@ -46,10 +47,14 @@ impl SnapshotReader {
     /// went away) needs no read.
     pub fn new(
         db: KeptConnections,
+        vault: Vault,
         timeout: Duration,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let (lookups, read_loop) =
-            Batcher::new(MAX_READ_BATCH, Abandoned::Skip, SharedRead { db, timeout });
+        let (lookups, read_loop) = Batcher::new(
+            MAX_READ_BATCH,
+            Abandoned::Skip,
+            SharedRead { db, vault, timeout },
+        );
         (Self { lookups }, read_loop)
     }
 
@@ -70,6 +75,7 @@ impl SnapshotReader {
 /// One read per batch of lookups.
 struct SharedRead {
     db: KeptConnections,
+    vault: Vault,
     timeout: Duration,
 }
 
@@ -81,7 +87,7 @@ impl Handler for SharedRead {
         metrics::histogram!("snapshot_read_batch_size").record(ids.len() as f64);
         let timeout = self.timeout;
         // On timeout the read's connection is dropped mid-query, never kept for the next read.
-        let outcome = tokio::time::timeout(timeout, read(&self.db, &ids))
+        let outcome = tokio::time::timeout(timeout, read(&self.db, &self.vault, &ids))
             .await
             .unwrap_or_else(|_| {
                 tracing::warn!(?timeout, lookups = ids.len(), "reading snapshots timed out");
@@ -98,10 +104,11 @@ impl Handler for SharedRead {
 /// rather than once per lookup.
 async fn read(
     db: &KeptConnections,
+    vault: &Vault,
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, AccountSnapshot>, Problem> {
     let mut conn = db.acquire().await?;
-    let snapshots = store::snapshots::current(&mut conn, ids).await?;
+    let snapshots = store::snapshots::current(&mut conn, vault, ids).await?;
     conn.release();
     Ok(snapshots
         .into_iter()

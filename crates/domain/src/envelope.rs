@@ -43,6 +43,9 @@ pub enum EventKind {
     /// [`ACCOUNT_GONE`]: reconcile confirmed that Argyle no longer has the account (not listed,
     /// and `GET /v2/accounts/{id}` answered 404); folded like `accounts.removed`.
     AccountGone,
+    /// [`ACCOUNT_ERASED`]: the account's personal data was erased (`account-projector erase`);
+    /// folded as terminal over everything, a removal included.
+    AccountErased,
     /// Any other family (`paystubs.added`, `users.fully_synced`, ...): stored, never folded.
     NotAccountEvent,
 }
@@ -53,6 +56,10 @@ pub const ACCOUNT_FETCHED: &str = "argyle.account_fetched";
 /// The name of the event `reconcile --confirm-removals` records for an account Argyle no longer
 /// has: folded as a removal.
 pub const ACCOUNT_GONE: &str = "argyle.account_removed";
+
+/// The name of the event `account-projector erase` records: when, why and by whom an account's
+/// personal data was erased (its key destroyed), and nothing personal.
+pub const ACCOUNT_ERASED: &str = "account_projector.account_erased";
 
 /// The name of the events the enricher records when Argyle answers 404 for an account: kept for
 /// the audit trail, never folded.
@@ -69,13 +76,14 @@ impl EventKind {
             "accounts.removed" => Self::AccountRemoved,
             ACCOUNT_FETCHED => Self::AccountFetched,
             ACCOUNT_GONE => Self::AccountGone,
+            ACCOUNT_ERASED => Self::AccountErased,
             other if other.starts_with("accounts.") => Self::OtherAccountEvent,
             _ => Self::NotAccountEvent,
         }
     }
 
-    /// True for every `accounts.*` event, [`ACCOUNT_FETCHED`] and [`ACCOUNT_GONE`], the ones the
-    /// projector folds.
+    /// True for every `accounts.*` event, [`ACCOUNT_FETCHED`], [`ACCOUNT_GONE`] and
+    /// [`ACCOUNT_ERASED`], the ones the projector folds.
     pub fn is_folded(self) -> bool {
         self != Self::NotAccountEvent
     }
@@ -84,6 +92,12 @@ impl EventKind {
     /// webhook of such a name is logged and not folded.
     pub fn speaks_for_argyle_api(self) -> bool {
         matches!(self, Self::AccountFetched | Self::AccountGone)
+    }
+
+    /// True for the events only the service's erasure appends: one of another origin is logged
+    /// and not folded.
+    pub fn is_erasure(self) -> bool {
+        self == Self::AccountErased
     }
 
     /// True for the events that end an account: `accounts.removed`, and [`ACCOUNT_GONE`].

@@ -19,9 +19,11 @@ pub mod resource;
 pub mod snapshot;
 
 pub use envelope::{
-    ACCOUNT_FETCHED, ACCOUNT_GONE, ACCOUNT_NOT_FOUND, Envelope, EnvelopeError, EventKind,
+    ACCOUNT_ERASED, ACCOUNT_FETCHED, ACCOUNT_GONE, ACCOUNT_NOT_FOUND, Envelope, EnvelopeError,
+    EventKind,
 };
 pub use resource::Resource;
 pub use snapshot::{
-    AccountSnapshot, AccountStatus, FoldError, LoggedEvent, Origin, RawEvent, apply, step,
+    AccountSnapshot, AccountStatus, FoldError, LoggedEvent, Origin, RawBody, RawEvent, apply,
+    resource_changed, step,
 };

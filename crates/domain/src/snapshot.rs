@@ -7,6 +7,10 @@
 //!   resource applies in log order;
 //! - `accounts.removed` is terminal: later events count in `version` and `last_*`, nothing else;
 //!   a removal that reconcile confirmed with Argyle's API ([`crate::ACCOUNT_GONE`]) is one too;
+//! - an erasure ([`crate::ACCOUNT_ERASED`], appended by the service alone) is terminal over
+//!   everything, a removal included: status `erased`, no resource, no connection status; the bodies
+//!   of an erased account's events cannot be read any more, so [`step`] folds each of them by what
+//!   the log's columns say (its name, ids and origin) as an event without a resource;
 //! - `version` counts the distinct events folded (the log stores a redelivery as a delivery of the
 //!   original event, never as an event, so it cannot reach the fold);
 //! - an event the fold cannot apply (a `resource` that is not an object, an `updated_at` that is not a
@@ -40,6 +44,8 @@ pub struct LoggedEvent {
 pub enum AccountStatus {
     Active,
     Removed,
+    /// The account's personal data was erased.
+    Erased,
 }
 
 impl AccountStatus {
@@ -48,6 +54,7 @@ impl AccountStatus {
         match self {
             Self::Active => "active",
             Self::Removed => "removed",
+            Self::Erased => "erased",
         }
     }
 
@@ -56,6 +63,7 @@ impl AccountStatus {
         match s {
             "active" => Some(Self::Active),
             "removed" => Some(Self::Removed),
+            "erased" => Some(Self::Erased),
             _ => None,
         }
     }
@@ -95,6 +103,8 @@ pub enum FoldError {
     UpdatedAtOutOfRange,
     #[error("the stored body does not parse: {0}")]
     BodyUnparseable(String),
+    #[error("the stored body cannot be read: {0}")]
+    BodyUnreadable(String),
     #[error("the fold panicked: {0}")]
     Panicked(String),
 }
@@ -103,6 +113,15 @@ impl AccountSnapshot {
     /// The instant of `resource.updated_at`, if the resource has a parseable one.
     pub fn resource_updated_at(&self) -> Option<DateTime<Utc>> {
         self.resource.as_ref().and_then(Resource::updated_at)
+    }
+
+    /// What every answer shows of an erased account: status `erased`, no resource and no
+    /// connection status; ids, times and counts stay.
+    pub fn erased(mut self) -> Self {
+        self.status = AccountStatus::Erased;
+        self.resource = None;
+        self.connection_status = None;
+        self
     }
 
     /// Names of the fields in which `other` differs from `self` (empty when equal).
@@ -184,6 +203,12 @@ pub fn apply(
     next.last_position = event.position;
     next.last_event.clone_from(&envelope.event);
     next.last_event_at = event.received_at;
+    if next.status == AccountStatus::Erased {
+        return Ok(Some(next));
+    }
+    if kind.is_erasure() {
+        return Ok(Some(next.erased()));
+    }
     if next.status == AccountStatus::Removed {
         return Ok(Some(next));
     }
@@ -217,9 +242,23 @@ pub fn apply(
 pub struct RawEvent<'a> {
     pub position: i64,
     pub received_at: DateTime<Utc>,
-    /// The body exactly as received.
-    pub body: &'a [u8],
+    /// The log's columns: the event's name and ids, as its envelope said when it was appended.
+    pub event: &'a str,
+    pub account: Option<Uuid>,
+    pub user: Option<Uuid>,
+    pub body: RawBody<'a>,
     pub origin: Origin,
+}
+
+/// A logged body, as far as it can be read.
+#[derive(Debug, Clone, Copy)]
+pub enum RawBody<'a> {
+    /// The body exactly as received.
+    Plain(&'a [u8]),
+    /// The account was erased: the body can never be read again.
+    Erased,
+    /// The body is sealed and fails to open (altered in the table): why.
+    Unreadable(&'a str),
 }
 
 /// Where a logged event came from, as the log recorded it.
@@ -229,6 +268,8 @@ pub enum Origin {
     Webhook,
     /// An answer of Argyle's API, appended by the service itself (the enricher).
     ArgyleApi,
+    /// An erasure, appended by `account-projector erase`.
+    Erasure,
     /// Appended before the log recorded origins: the event's name says.
     Unrecorded,
 }
@@ -241,8 +282,23 @@ pub fn step(
     snapshot: Option<AccountSnapshot>,
     event: RawEvent<'_>,
 ) -> Result<Option<AccountSnapshot>, FoldError> {
-    let envelope = Envelope::parse_logged(event.body)
-        .map_err(|e| FoldError::BodyUnparseable(e.to_string()))?;
+    let envelope = match event.body {
+        RawBody::Plain(body) => {
+            Envelope::parse_logged(body).map_err(|e| FoldError::BodyUnparseable(e.to_string()))?
+        }
+        RawBody::Unreadable(reason) => return Err(FoldError::BodyUnreadable(reason.to_owned())),
+        // What the log's columns say, as an event without a resource.
+        RawBody::Erased => Envelope {
+            event: event.event.to_owned(),
+            account: event.account,
+            user: event.user,
+            resource: None,
+        },
+    };
+    // Only the service's erasure erases.
+    if envelope.kind().is_erasure() && event.origin != Origin::Erasure {
+        return Ok(snapshot);
+    }
     // Only the service's own fetches speak for Argyle's API: a webhook that calls itself a fetch
     // is logged like any other unknown family, and not folded.
     if envelope.kind().speaks_for_argyle_api() && event.origin == Origin::Webhook {
@@ -268,6 +324,12 @@ pub fn step(
                 .unwrap_or_else(|| "no message".into());
             Err(FoldError::Panicked(message))
         })
+}
+
+/// Whether folding an event turned the resource `before` into a different `after`: what
+/// `changes` lists. An event that leaves no resource (an erasure) is not a change of it.
+pub fn resource_changed(before: Option<&Resource>, after: Option<&Resource>) -> bool {
+    after.is_some() && before != after
 }
 
 fn is_newer(candidate: &Resource, current: Option<&Resource>) -> bool {

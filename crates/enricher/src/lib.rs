@@ -35,6 +35,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use store::checkpoints::{self, ENRICHER as CHECKPOINT};
 use store::enrichment::{self, Request};
+use store::keys::{Opened, Vault};
 use store::leader::run_as_leader;
 use store::locks::Lock;
 use store::log::{AppendNotifications, Delivery, StoredEvent};
@@ -94,12 +95,13 @@ impl Default for EnricherConfig {
 /// Runs the enricher until `shutdown` fires, surviving database outages.
 pub async fn run(
     pool: PgPool,
+    vault: Vault,
     client: argyle::Client,
     config: EnricherConfig,
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
-        match lead(&pool, &client, &config, &shutdown).await {
+        match lead(&pool, &vault, &client, &config, &shutdown).await {
             Ok(()) => break,
             Err(error) => {
                 tracing::warn!(%error, "enricher lost its database connection; retrying");
@@ -118,6 +120,7 @@ pub async fn run(
 /// standby takes over, so two enrichers never append for the same request.
 async fn lead(
     pool: &PgPool,
+    vault: &Vault,
     client: &argyle::Client,
     config: &EnricherConfig,
     shutdown: &CancellationToken,
@@ -126,9 +129,9 @@ async fn lead(
     // The leader also reconciles on schedule, if asked to; both end with the leadership.
     let work = |conn| async move {
         tokio::select! {
-            done = enrich(conn, pool, client, config, shutdown) => done,
+            done = enrich(conn, vault, pool, client, config, shutdown) => done,
             // Only its error ends the leadership: at shutdown it stops and `enrich` finishes.
-            Err(error) = reconcile::on_schedule(pool, client, config, shutdown) => Err(error),
+            Err(error) = reconcile::on_schedule(pool, vault, client, config, shutdown) => Err(error),
         }
     };
     run_as_leader(
@@ -145,6 +148,7 @@ async fn lead(
 /// Scans and fetches as the one enricher, on the session that holds its lock, until `shutdown`.
 async fn enrich(
     mut conn: PgConnection,
+    vault: &Vault,
     pool: &PgPool,
     client: &argyle::Client,
     config: &EnricherConfig,
@@ -158,7 +162,7 @@ async fn enrich(
     let mut api_checked = false;
     let mut paused_until = tokio::time::Instant::now();
     loop {
-        while scan(&mut conn, config.batch_size).await? > 0 {}
+        while scan(&mut conn, vault, config.batch_size).await? > 0 {}
         if tokio::time::Instant::now() >= paused_until {
             if !api_checked {
                 match client.check().await {
@@ -171,7 +175,7 @@ async fn enrich(
             }
             if api_checked {
                 let rate_limited =
-                    fetch_due(&mut conn, client, config, &mut pace, shutdown).await?;
+                    fetch_due(&mut conn, vault, client, config, &mut pace, shutdown).await?;
                 if rate_limited {
                     tracing::warn!(pause = ?config.rate_limit_pause, "Argyle is rate limiting; pausing fetches");
                     paused_until = tokio::time::Instant::now() + config.rate_limit_pause;
@@ -196,10 +200,10 @@ async fn enrich(
 /// Scans up to `batch_size` events after the enricher's checkpoint, records the fetches they ask
 /// for (and drops those of removed accounts) and moves the checkpoint, in one transaction.
 /// Returns how many events it scanned.
-pub async fn scan(conn: &mut PgConnection, batch_size: i64) -> store::Result<usize> {
+pub async fn scan(conn: &mut PgConnection, vault: &Vault, batch_size: i64) -> store::Result<usize> {
     let mut tx = store::begin(conn).await?;
     let from = checkpoints::lock(&mut tx, CHECKPOINT).await?;
-    let events = store::log::read_after(&mut tx, from, batch_size).await?;
+    let events = store::log::read_after(&mut tx, vault, from, batch_size).await?;
     let Some(last) = events.last() else {
         return Ok(0);
     };
@@ -231,7 +235,11 @@ enum Scanned {
 }
 
 fn classify(stored: &StoredEvent) -> Option<Scanned> {
-    let envelope = Envelope::parse_logged(&stored.body).ok()?;
+    // An erased account's events ask for nothing: its data never comes back.
+    let Opened::Plain(body) = &stored.body else {
+        return None;
+    };
+    let envelope = Envelope::parse_logged(body).ok()?;
     let account = envelope.account?;
     match envelope.kind() {
         EventKind::AccountAdded
@@ -258,6 +266,7 @@ fn classify(stored: &StoredEvent) -> Option<Scanned> {
 /// answering 429: the caller pauses every fetch.
 pub async fn fetch_due(
     conn: &mut PgConnection,
+    vault: &Vault,
     client: &argyle::Client,
     config: &EnricherConfig,
     pace: &mut tokio::time::Interval,
@@ -273,7 +282,7 @@ pub async fn fetch_due(
                 () = shutdown.cancelled() => return Ok(false),
                 _ = pace.tick() => {}
             }
-            match fetch_one(conn, client, config, &request, shutdown).await? {
+            match fetch_one(conn, vault, client, config, &request, shutdown).await? {
                 Outcome::Completed | Outcome::Failed => {}
                 Outcome::RateLimited => return Ok(true),
                 Outcome::Abandoned => return Ok(false),
@@ -293,12 +302,19 @@ enum Outcome {
 /// Fetches one account and records the outcome.
 async fn fetch_one(
     conn: &mut PgConnection,
+    vault: &Vault,
     client: &argyle::Client,
     config: &EnricherConfig,
     request: &Request,
     shutdown: &CancellationToken,
 ) -> store::Result<Outcome> {
     let account = request.account_id;
+    // Erased since it was asked for: its data is never fetched back.
+    if store::keys::erased_at(conn, account).await?.is_some() {
+        enrichment::cancel(conn, &[account]).await?;
+        tracing::info!(%account, "fetch dropped: the account is erased");
+        return Ok(Outcome::Completed);
+    }
     let grace = async {
         shutdown.cancelled().await;
         tokio::time::sleep(config.shutdown_grace).await;
@@ -338,6 +354,7 @@ async fn fetch_one(
     let mut tx = store::begin(conn).await?;
     let appended = store::log::append_fetched_in(
         &mut tx,
+        vault,
         &[Delivery::new(&body, None, &envelope)],
         // The body carries the fetch time, so no two fetches are the same event.
         Duration::ZERO,

@@ -35,6 +35,7 @@ use domain::{ACCOUNT_FETCHED, ACCOUNT_GONE, AccountSnapshot, AccountStatus, Enve
 use serde::Serialize;
 use serde_json::value::RawValue;
 use store::PgConnection;
+use store::keys::Vault;
 use store::locks::{self, Lock};
 use store::log::Delivery;
 use store::reconcile::{self as runs, Counts, Known, Outcome, Run, Scope};
@@ -48,6 +49,7 @@ use uuid::Uuid;
 /// logged and retried; a database error ends this, and the leadership with it.
 pub async fn on_schedule(
     pool: &store::PgPool,
+    vault: &Vault,
     client: &argyle::Client,
     config: &crate::EnricherConfig,
     shutdown: &CancellationToken,
@@ -87,6 +89,7 @@ pub async fn on_schedule(
         store::set_statement_timeout(&mut conn, Duration::ZERO).await?;
         let outcome = run(
             &mut conn,
+            vault,
             &client,
             &config.reconcile,
             request,
@@ -296,6 +299,7 @@ pub fn compare(listed: &Resource, known: Option<&AccountSnapshot>) -> Comparison
 /// Runs one reconcile on `conn` (which holds [`Lock::Reconcile`] for the run's duration).
 pub async fn run(
     conn: &mut PgConnection,
+    vault: &Vault,
     client: &argyle::Client,
     config: &ReconcileConfig,
     request: Request,
@@ -309,7 +313,7 @@ pub async fn run(
             .unwrap_or_else(|| "it just ended".into());
         return Err(Error::Busy(holder));
     }
-    let result = run_locked(conn, client, config, request, observer, shutdown).await;
+    let result = run_locked(conn, vault, client, config, request, observer, shutdown).await;
     // The session may be gone with the error; its lock is then gone too.
     let _ = locks::unlock(conn, Lock::Reconcile).await;
     result
@@ -317,6 +321,7 @@ pub async fn run(
 
 async fn run_locked(
     conn: &mut PgConnection,
+    vault: &Vault,
     client: &argyle::Client,
     config: &ReconcileConfig,
     request: Request,
@@ -399,6 +404,7 @@ async fn run_locked(
     };
     let listed = list(
         conn,
+        vault,
         client,
         &run,
         request,
@@ -433,7 +439,7 @@ async fn run_locked(
         Err(error) => return Err(failed(conn, &run, request, error).await),
     }
     report.held_active = runs::held_active(conn, request.scope, run.started_at).await?;
-    report.missing = report_missing(conn, &run, request.scope, observer).await?;
+    report.missing = report_missing(conn, vault, &run, request.scope, observer).await?;
     let over_guard = report.missing > 0 && report.missing_share() > config.max_missing_share;
     if report.missing > 0 && over_guard {
         tracing::warn!(
@@ -454,6 +460,7 @@ async fn run_locked(
         } else {
             match confirm_removals(
                 conn,
+                vault,
                 client,
                 &run,
                 request.scope,
@@ -553,6 +560,7 @@ fn record_metrics(report: &Report, outcome: &'static str) {
 #[allow(clippy::too_many_arguments)]
 async fn list(
     conn: &mut PgConnection,
+    vault: &Vault,
     client: &argyle::Client,
     run: &Run,
     request: Request,
@@ -566,7 +574,7 @@ async fn list(
     }
     if let Some(account) = request.scope.account {
         return list_one(
-            conn, client, run, request, account, pace, observer, shutdown, report,
+            conn, vault, client, run, request, account, pace, observer, shutdown, report,
         )
         .await;
     }
@@ -604,6 +612,7 @@ async fn list(
         };
         let counts = commit_page(
             conn,
+            vault,
             run,
             request.dry_run,
             page.accounts,
@@ -627,6 +636,7 @@ async fn list(
 #[allow(clippy::too_many_arguments)]
 async fn list_one(
     conn: &mut PgConnection,
+    vault: &Vault,
     client: &argyle::Client,
     run: &Run,
     request: Request,
@@ -659,6 +669,7 @@ async fn list_one(
     let request_line = format!("GET /v2/accounts/{account}");
     let counts = commit_page(
         conn,
+        vault,
         run,
         request.dry_run,
         accounts,
@@ -693,6 +704,7 @@ fn listed_account(object: Box<RawValue>) -> Option<ListedAccount> {
 #[allow(clippy::too_many_arguments)]
 async fn commit_page(
     conn: &mut PgConnection,
+    vault: &Vault,
     run: &Run,
     dry_run: bool,
     accounts: Vec<ListedAccount>,
@@ -718,7 +730,7 @@ async fn commit_page(
             }
         }
     }
-    let known = folded(conn, &order).await?;
+    let known = folded(conn, vault, &order).await?;
     let mut tx = store::begin(conn).await?;
     let first_time: HashSet<Uuid> = runs::mark_listed(&mut tx, run.id, &order)
         .await?
@@ -748,7 +760,7 @@ async fn commit_page(
     }
     if !deliveries.is_empty() {
         // The body carries the fetch time and run, so no two are the same event.
-        store::log::append_fetched_in(&mut tx, &deliveries, Duration::ZERO).await?;
+        store::log::append_fetched_in(&mut tx, vault, &deliveries, Duration::ZERO).await?;
     }
     runs::record(&mut tx, run.id, counts, next).await?;
     store::commit(tx).await?;
@@ -759,10 +771,11 @@ async fn commit_page(
 /// (`None`: no event of it folds).
 async fn folded(
     conn: &mut PgConnection,
+    vault: &Vault,
     accounts: &[Uuid],
 ) -> Result<HashMap<Uuid, Option<AccountSnapshot>>, Error> {
     let mut known: HashMap<Uuid, Option<AccountSnapshot>> = HashMap::with_capacity(accounts.len());
-    runs::known(conn, accounts, |item| match item {
+    runs::known(conn, vault, accounts, |item| match item {
         Known::Snapshot(snapshot) => {
             known.insert(snapshot.account_id, Some(snapshot));
         }
@@ -785,10 +798,11 @@ async fn folded(
 /// removal the projector has not folded yet counts.
 async fn still_active(
     conn: &mut PgConnection,
+    vault: &Vault,
     candidates: Vec<(Uuid, Uuid)>,
 ) -> Result<Vec<(Uuid, Uuid)>, Error> {
     let ids: Vec<Uuid> = candidates.iter().map(|c| c.0).collect();
-    let known = folded(conn, &ids).await?;
+    let known = folded(conn, vault, &ids).await?;
     Ok(candidates
         .into_iter()
         .filter(|(id, _)| {
@@ -807,6 +821,7 @@ const LOGGED_MISSING: i64 = 100;
 /// run did not list.
 async fn report_missing(
     conn: &mut PgConnection,
+    vault: &Vault,
     run: &Run,
     scope: Scope,
     observer: &dyn Observer,
@@ -824,7 +839,7 @@ async fn report_missing(
             }
             return Ok(missing);
         };
-        for &(account, user) in &still_active(conn, page).await? {
+        for &(account, user) in &still_active(conn, vault, page).await? {
             // Every id goes to the observer; the log names the first ones and counts the rest.
             if missing < LOGGED_MISSING {
                 tracing::warn!(%account, %user, "held as active here, not listed by Argyle");
@@ -842,6 +857,7 @@ async fn report_missing(
 #[allow(clippy::too_many_arguments)]
 async fn confirm_removals(
     conn: &mut PgConnection,
+    vault: &Vault,
     client: &argyle::Client,
     run: &Run,
     scope: Scope,
@@ -857,7 +873,7 @@ async fn confirm_removals(
             return Ok(true);
         };
         // A removal appended by an earlier (stopped or repeated) run but not folded yet counts.
-        for (account, user) in still_active(conn, page).await? {
+        for (account, user) in still_active(conn, vault, page).await? {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(false),
                 _ = pace.tick() => {}
@@ -873,6 +889,7 @@ async fn confirm_removals(
                     if let Some(listed) = listed_account(object).filter(|l| l.id == account) {
                         let counts = commit_page(
                             conn,
+                            vault,
                             run,
                             false,
                             vec![listed],
@@ -891,6 +908,7 @@ async fn confirm_removals(
                     let mut tx = store::begin(conn).await?;
                     store::log::append_fetched_in(
                         &mut tx,
+                        vault,
                         &[Delivery::new(&body, None, &envelope)],
                         Duration::ZERO,
                     )

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use store::PgPool;
 use store::kept::KeptConnections;
+use store::keys::Vault;
 use store::log::{Appended, Delivery};
 use web::batch::{Abandoned, Batcher, Handler};
 
@@ -38,6 +39,7 @@ impl Committer {
     /// away while queued is still appended: its redelivery will find it.
     pub fn new(
         pool: PgPool,
+        vault: Vault,
         dedup_window: Duration,
         max_batch: usize,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
@@ -45,6 +47,7 @@ impl Committer {
         // pool and taken again costs two extra round trips (sqlx pings it both ways).
         let group = GroupCommit {
             connections: KeptConnections::new(pool, 1),
+            vault,
             dedup_window,
         };
         let (jobs, commit_loop) = Batcher::new(max_batch, Abandoned::Handle, group);
@@ -63,6 +66,7 @@ impl Committer {
 /// One transaction per batch of deliveries.
 struct GroupCommit {
     connections: KeptConnections,
+    vault: Vault,
     dedup_window: Duration,
 }
 
@@ -71,11 +75,12 @@ impl Handler for GroupCommit {
     type Reply = Answer;
 
     async fn handle(&mut self, deliveries: Vec<Delivery>) -> Vec<Answer> {
-        let (connections, dedup_window) = (&self.connections, self.dedup_window);
+        let (connections, vault, dedup_window) =
+            (&self.connections, &self.vault, self.dedup_window);
         tracing::trace!(deliveries = deliveries.len(), "committing a batch");
         metrics::histogram!("append_batch_size").record(deliveries.len() as f64);
         let started = std::time::Instant::now();
-        let outcome = append(connections, &deliveries, dedup_window).await;
+        let outcome = append(connections, vault, &deliveries, dedup_window).await;
         metrics::histogram!("append_duration_seconds").record(started.elapsed().as_secs_f64());
         if let Ok(appended) = &outcome
             && let Some(head) = appended.iter().map(|a| a.position).max()
@@ -88,8 +93,13 @@ impl Handler for GroupCommit {
                 // One delivery the database refuses must not fail the others: retry them alone.
                 let mut answers = Vec::with_capacity(deliveries.len());
                 for delivery in &deliveries {
-                    let single =
-                        append(connections, std::slice::from_ref(delivery), dedup_window).await;
+                    let single = append(
+                        connections,
+                        vault,
+                        std::slice::from_ref(delivery),
+                        dedup_window,
+                    )
+                    .await;
                     answers.push(single.map(|appended| appended[0]));
                 }
                 answers
@@ -101,12 +111,13 @@ impl Handler for GroupCommit {
 
 async fn append(
     connections: &KeptConnections,
+    vault: &Vault,
     deliveries: &[Delivery],
     dedup_window: Duration,
 ) -> Result<Vec<Appended>, AppendError> {
     let attempt = async {
         let mut conn = connections.acquire().await?;
-        let appended = store::log::append_in(&mut conn, deliveries, dedup_window).await?;
+        let appended = store::log::append_in(&mut conn, vault, deliveries, dedup_window).await?;
         conn.release();
         Ok(appended)
     };

@@ -29,6 +29,7 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use store::PgConnection;
 use store::checkpoints::CheckpointNotifications;
+use store::keys::Vault;
 use store::leader::run_as_leader;
 use store::locks::Lock;
 use store::subscribers::{self, Message};
@@ -103,7 +104,12 @@ pub fn check_url(raw: &str) -> Result<url::Url, String> {
 }
 
 /// Runs the notifier until `shutdown`, surviving database outages.
-pub async fn run(pool: store::PgPool, config: NotifierConfig, shutdown: CancellationToken) {
+pub async fn run(
+    pool: store::PgPool,
+    vault: Vault,
+    config: NotifierConfig,
+    shutdown: CancellationToken,
+) {
     let client = match reqwest::Client::builder()
         .user_agent(concat!("account-projector/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
@@ -119,7 +125,7 @@ pub async fn run(pool: store::PgPool, config: NotifierConfig, shutdown: Cancella
     };
     while !shutdown.is_cancelled() {
         let standing_by = || tracing::info!("another notifier is working; standing by");
-        let work = |conn| notify(conn, &pool, &client, &config, &shutdown);
+        let work = |conn| notify(conn, &vault, &pool, &client, &config, &shutdown);
         match run_as_leader(
             &pool,
             Lock::Notifier,
@@ -148,6 +154,7 @@ pub async fn run(pool: store::PgPool, config: NotifierConfig, shutdown: Cancella
 /// Scans and delivers as the one notifier, on the session that holds its lock, until `shutdown`.
 async fn notify(
     mut conn: PgConnection,
+    vault: &Vault,
     pool: &store::PgPool,
     client: &reqwest::Client,
     config: &NotifierConfig,
@@ -157,8 +164,8 @@ async fn notify(
     metrics::gauge!("notifier_leader").set(1.0);
     let mut commits = CheckpointNotifications::subscribe(pool).await?;
     loop {
-        scan(&mut conn).await?;
-        deliver_due(&mut conn, client, config, shutdown).await?;
+        scan(&mut conn, vault).await?;
+        deliver_due(&mut conn, vault, client, config, shutdown).await?;
         let subscribers = subscribers::list(&mut conn).await?;
         let pending: i64 = subscribers.iter().map(|s| s.pending).sum();
         let failing = subscribers.iter().filter(|s| s.state == "failing").count();
@@ -180,12 +187,12 @@ async fn notify(
 const SCAN_PAGE: i64 = 500;
 
 /// Turns every subscriber's new changes into messages.
-pub async fn scan(conn: &mut PgConnection) -> store::Result<()> {
+pub async fn scan(conn: &mut PgConnection, vault: &Vault) -> store::Result<()> {
     for subscriber in subscribers::list(conn).await? {
         let mut from = subscriber.scanned_to;
         loop {
             let (snapshots, checkpoint) =
-                store::snapshots::changed_after(conn, from, SCAN_PAGE).await?;
+                store::snapshots::changed_after(conn, vault, from, SCAN_PAGE).await?;
             let full = snapshots.len() as i64 == SCAN_PAGE;
             let to = match snapshots.last() {
                 Some(last) if full => last.last_position,
@@ -202,7 +209,7 @@ pub async fn scan(conn: &mut PgConnection) -> store::Result<()> {
                     (s.account_id, Uuid::new_v4(), s.last_position, body)
                 })
                 .collect();
-            if !subscribers::enqueue(conn, subscriber.id, from, to, &messages).await? {
+            if !subscribers::enqueue(conn, vault, subscriber.id, from, to, &messages).await? {
                 break; // replayed meanwhile: the next round starts from there
             }
             from = to;
@@ -217,14 +224,21 @@ pub async fn scan(conn: &mut PgConnection) -> store::Result<()> {
 /// Sends every message that is due, `concurrency` at a time, and records each outcome.
 pub async fn deliver_due(
     conn: &mut PgConnection,
+    vault: &Vault,
     client: &reqwest::Client,
     config: &NotifierConfig,
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
     loop {
-        let due = subscribers::due(conn, 64).await?;
+        let due = subscribers::due(conn, vault, 64).await?;
         if due.is_empty() || shutdown.is_cancelled() {
             return Ok(());
+        }
+        let (due, unreadable): (Vec<Message>, Vec<Message>) =
+            due.into_iter().partition(|m| m.body.is_some());
+        for message in &unreadable {
+            // Its account was erased since: the erased view follows as a message of its own.
+            subscribers::drop_unreadable(conn, message).await?;
         }
         let mut sent = futures_util::stream::iter(due)
             .map(|message| async move {
@@ -262,9 +276,10 @@ pub async fn deliver_due(
 /// One signed `POST`; `Ok` on a 2xx.
 async fn send(client: &reqwest::Client, message: &Message) -> Result<(), String> {
     let id = message.message_id.to_string();
+    let body = message.body.clone().unwrap_or_default();
     let timestamp = Utc::now().timestamp();
     let signature = standardwebhooks::Webhook::new(&message.secret)
-        .and_then(|w| w.sign(&id, timestamp, message.body.as_bytes()))
+        .and_then(|w| w.sign(&id, timestamp, body.as_bytes()))
         .map_err(|e| format!("cannot sign with the subscriber's secret: {e}"))?;
     let response = client
         .post(&message.url)
@@ -275,7 +290,7 @@ async fn send(client: &reqwest::Client, message: &Message) -> Result<(), String>
             timestamp.to_string(),
         )
         .header(standardwebhooks::HEADER_WEBHOOK_SIGNATURE, signature)
-        .body(message.body.clone())
+        .body(body)
         .send()
         .await
         .map_err(|e| {

@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod erase;
 pub mod rebuild;
 
 use std::collections::{HashMap, HashSet};
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use domain::{AccountSnapshot, EventKind};
 use store::checkpoints::{self, PROJECTION as CHECKPOINT};
+use store::keys::Vault;
 use store::leader::run_as_leader;
 use store::locks::Lock;
 use store::log::{AppendNotifications, StoredEvent};
@@ -42,6 +44,8 @@ pub struct ProjectorConfig {
     pub poll_interval: Duration,
     /// How often a standby retries the leader lock, and the pause after a database error.
     pub retry_interval: Duration,
+    /// `ERASE_REMOVED_AFTER`: the leader erases accounts this long after their removal.
+    pub erase_removed_after: Option<Duration>,
 }
 
 impl Default for ProjectorConfig {
@@ -50,6 +54,7 @@ impl Default for ProjectorConfig {
             batch_size: 1000,
             poll_interval: Duration::from_secs(1),
             retry_interval: Duration::from_millis(500),
+            erase_removed_after: None,
         }
     }
 }
@@ -68,9 +73,9 @@ pub struct BatchOutcome {
 }
 
 /// Runs the projector until `shutdown` fires, surviving database outages.
-pub async fn run(pool: PgPool, config: ProjectorConfig, shutdown: CancellationToken) {
+pub async fn run(pool: PgPool, vault: Vault, config: ProjectorConfig, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
-        match lead(&pool, &config, &shutdown).await {
+        match lead(&pool, &vault, &config, &shutdown).await {
             Ok(()) => break,
             Err(error) => {
                 if error.is_unavailable() {
@@ -90,6 +95,7 @@ pub async fn run(pool: PgPool, config: ProjectorConfig, shutdown: CancellationTo
 
 async fn lead(
     pool: &PgPool,
+    vault: &Vault,
     config: &ProjectorConfig,
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
@@ -97,7 +103,7 @@ async fn lead(
         metrics::gauge!("projector_leader").set(0.0);
         tracing::info!("another projector is leading; standing by");
     };
-    let lead = |conn| follow_the_log(conn, pool, config, shutdown);
+    let lead = |conn| follow_the_log(conn, pool, vault, config, shutdown);
     run_as_leader(
         pool,
         Lock::Leader,
@@ -111,14 +117,34 @@ async fn lead(
 
 /// Folds the log as the leader, on the session that holds the leader lock, until `shutdown`.
 async fn follow_the_log(
-    mut conn: PgConnection,
+    conn: PgConnection,
     pool: &PgPool,
+    vault: &Vault,
     config: &ProjectorConfig,
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
     tracing::info!("projector is the leader");
     metrics::gauge!("projector_leader").set(1.0);
     let _not_leader = NotLeaderOnDrop;
+    let folding = fold_the_log(conn, pool, vault, config, shutdown);
+    let Some(after) = config.erase_removed_after else {
+        return folding.await;
+    };
+    // Scheduled erasure runs beside the fold while this process leads; its error ends the
+    // leadership like the fold's, and the standby loop takes over.
+    tokio::select! {
+        outcome = folding => outcome,
+        Err(error) = erase::on_schedule(pool, vault, after, shutdown) => Err(error),
+    }
+}
+
+async fn fold_the_log(
+    mut conn: PgConnection,
+    pool: &PgPool,
+    vault: &Vault,
+    config: &ProjectorConfig,
+    shutdown: &CancellationToken,
+) -> store::Result<()> {
     let mut notifications = AppendNotifications::subscribe(pool).await?;
     loop {
         loop {
@@ -126,7 +152,7 @@ async fn follow_the_log(
                 store::locks::unlock(&mut conn, Lock::Leader).await?;
                 return Ok(());
             }
-            let outcome = run_batch(&mut conn, config.batch_size).await?;
+            let outcome = run_batch(&mut conn, vault, config.batch_size).await?;
             if outcome.events > 0 {
                 tracing::debug!(?outcome, "batch folded");
             }
@@ -166,10 +192,14 @@ impl Drop for NotLeaderOnDrop {
 /// quarantined with the database's reason ([`RefusedBy::Store`]) and the checkpoint moves past it.
 /// Any other error (connection lost, serialization) is returned, and the same batch is retried.
 #[tracing::instrument(skip(conn))]
-pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Result<BatchOutcome> {
+pub async fn run_batch(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    batch_size: i64,
+) -> store::Result<BatchOutcome> {
     let mut size = batch_size.max(1);
     loop {
-        match try_batch(conn, size).await {
+        match try_batch(conn, vault, size).await {
             Ok(outcome) => return Ok(outcome),
             Err(Attempt::Refused { events, error, .. }) if events > 1 => {
                 size = (events as i64 / 2).max(1);
@@ -177,7 +207,7 @@ pub async fn run_batch(conn: &mut PgConnection, batch_size: i64) -> store::Resul
                     "the database refused a batch's snapshots; retrying it in smaller parts");
             }
             Err(Attempt::Refused { first, error, .. }) => {
-                return quarantine_alone(conn, &first, &error).await;
+                return quarantine_alone(conn, vault, &first, &error).await;
             }
             Err(Attempt::Failed(error)) => return Err(error),
         }
@@ -201,10 +231,14 @@ impl From<store::Error> for Attempt {
     }
 }
 
-async fn try_batch(conn: &mut PgConnection, batch_size: i64) -> Result<BatchOutcome, Attempt> {
+async fn try_batch(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    batch_size: i64,
+) -> Result<BatchOutcome, Attempt> {
     let mut tx = store::begin(conn).await?;
     let checkpoint = checkpoints::lock(&mut tx, CHECKPOINT).await?;
-    let events = store::log::read_after(&mut tx, checkpoint, batch_size).await?;
+    let events = store::log::read_after(&mut tx, vault, checkpoint, batch_size).await?;
     let Some(last) = events.last().map(|e| e.position) else {
         store::rollback(tx).await?;
         return Ok(BatchOutcome {
@@ -212,7 +246,7 @@ async fn try_batch(conn: &mut PgConnection, batch_size: i64) -> Result<BatchOutc
             ..BatchOutcome::default()
         });
     };
-    let (snapshots_written, refused) = match fold_into(&mut tx, Table::Live, &events).await {
+    let (snapshots_written, refused) = match fold_into(&mut tx, vault, Table::Live, &events).await {
         Ok(written) => written,
         Err(error) if error.is_refusal() => {
             return Err(Attempt::Refused {
@@ -246,6 +280,7 @@ async fn try_batch(conn: &mut PgConnection, batch_size: i64) -> Result<BatchOutc
 /// write even alone, and moves the checkpoint past it.
 async fn quarantine_alone(
     conn: &mut PgConnection,
+    vault: &Vault,
     event: &StoredEvent,
     error: &store::Error,
 ) -> store::Result<BatchOutcome> {
@@ -255,7 +290,7 @@ async fn quarantine_alone(
     let mut tx = store::begin(conn).await?;
     let checkpoint = checkpoints::lock(&mut tx, CHECKPOINT).await?;
     let refusal = Refusal::by_store(event, error);
-    store::quarantine::record(&mut tx, std::slice::from_ref(&refusal)).await?;
+    store::quarantine::record(&mut tx, vault, std::slice::from_ref(&refusal)).await?;
     checkpoints::advance(&mut tx, CHECKPOINT, checkpoint, event.position).await?;
     store::commit(tx).await?;
     metrics::counter!("quarantined_events_total").increment(1);
@@ -272,6 +307,7 @@ async fn quarantine_alone(
 /// Returns the number of snapshots written and of events refused.
 pub(crate) async fn fold_into(
     conn: &mut PgConnection,
+    vault: &Vault,
     table: Table,
     events: &[StoredEvent],
 ) -> store::Result<(usize, usize)> {
@@ -285,7 +321,7 @@ pub(crate) async fn fold_into(
         .into_iter()
         .collect();
     let mut snapshots: HashMap<Uuid, AccountSnapshot> =
-        store::snapshots::get_many(conn, table, &accounts)
+        store::snapshots::get_many(conn, vault, table, &accounts)
             .await?
             .into_iter()
             .map(|s| (s.account_id, s))
@@ -310,8 +346,8 @@ pub(crate) async fn fold_into(
         .iter()
         .filter_map(|id| snapshots.remove(id))
         .collect();
-    store::snapshots::save(conn, table, &changed).await?;
-    store::quarantine::record(conn, &refusals).await?;
+    store::snapshots::save(conn, vault, table, &changed).await?;
+    store::quarantine::record(conn, vault, &refusals).await?;
     Ok((changed.len(), refusals.len()))
 }
 

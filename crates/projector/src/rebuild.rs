@@ -18,6 +18,7 @@
 use futures_util::TryStreamExt;
 use store::PgPool;
 use store::checkpoints::PROJECTION as CHECKPOINT;
+use store::keys::Vault;
 use store::log::StoredEvent;
 use store::quarantine::Refusal;
 use store::snapshots::Table;
@@ -117,6 +118,7 @@ const WRITE_BATCH: usize = 1000;
 #[tracing::instrument(skip_all)]
 pub async fn rebuild_all(
     pool: &PgPool,
+    vault: &Vault,
     progress: &dyn Progress,
 ) -> Result<RebuildReport, RebuildError> {
     // Held for the whole rebuild: a second rebuild would share the shadow table.
@@ -134,15 +136,15 @@ pub async fn rebuild_all(
     progress.start(total as u64);
     let mut events = 0u64;
     {
-        let mut stream = store::log::account_events_by_account(&mut read, head, None);
+        let mut stream = store::log::account_events_by_account(&mut read, vault, head, None);
         let mut folder = AccountFolder::default();
         let mut buffer = Vec::with_capacity(WRITE_BATCH);
         while let Some(stored) = stream.try_next().await? {
             if let Some(done) = folder.push(&stored) {
                 buffer.push(done);
                 if buffer.len() >= WRITE_BATCH {
-                    save_rebuilt(&mut writer, &mut buffer, head).await?;
-                    store::quarantine::record(&mut writer, &folder.refusals).await?;
+                    save_rebuilt(&mut writer, vault, &mut buffer, head).await?;
+                    store::quarantine::record(&mut writer, vault, &folder.refusals).await?;
                     buffer.clear();
                     folder.refusals.clear();
                 }
@@ -153,9 +155,9 @@ pub async fn rebuild_all(
             }
         }
         progress.advance(events % 256);
-        store::quarantine::record(&mut writer, &folder.refusals).await?;
+        store::quarantine::record(&mut writer, vault, &folder.refusals).await?;
         buffer.extend(folder.finish());
-        save_rebuilt(&mut writer, &mut buffer, head).await?;
+        save_rebuilt(&mut writer, vault, &mut buffer, head).await?;
     }
     store::commit(read).await?;
     progress.finish();
@@ -167,13 +169,13 @@ pub async fn rebuild_all(
     while folded_to < checkpoint {
         // Positions are dense, so this reads exactly the events up to the live checkpoint.
         let limit = (checkpoint - folded_to).min(WRITE_BATCH as i64);
-        let mut batch = store::log::read_after(&mut swap, folded_to, limit).await?;
+        let mut batch = store::log::read_after(&mut swap, vault, folded_to, limit).await?;
         // Events the database refused are left out of the read, so it may reach past the checkpoint.
         batch.retain(|e| e.position <= checkpoint);
         let Some(last) = batch.last().map(|e| e.position) else {
             break;
         };
-        fold_into(&mut swap, Table::Rebuild, &batch).await?;
+        fold_into(&mut swap, vault, Table::Rebuild, &batch).await?;
         folded_to = last;
     }
     let accounts = store::snapshots::replace_live_with_rebuild(&mut swap).await?;
@@ -203,22 +205,29 @@ pub async fn rebuild_all(
 /// projector does, and left out; the account's other events still apply.
 async fn save_rebuilt(
     writer: &mut store::PgConnection,
+    vault: &Vault,
     buffer: &mut Vec<AccountSnapshot>,
     head: i64,
 ) -> Result<(), RebuildError> {
     let snapshots = std::mem::take(buffer);
-    match store::snapshots::save(writer, Table::Rebuild, &snapshots).await {
+    match store::snapshots::save(writer, vault, Table::Rebuild, &snapshots).await {
         Err(error) if error.is_refusal() && snapshots.len() > 1 => {}
         Err(error) if error.is_refusal() => {
-            return refold_alone(writer, snapshots[0].account_id, head).await;
+            return refold_alone(writer, vault, snapshots[0].account_id, head).await;
         }
         other => return Ok(other?),
     }
     for snapshot in snapshots {
-        match store::snapshots::save(writer, Table::Rebuild, std::slice::from_ref(&snapshot)).await
+        match store::snapshots::save(
+            writer,
+            vault,
+            Table::Rebuild,
+            std::slice::from_ref(&snapshot),
+        )
+        .await
         {
             Err(error) if error.is_refusal() => {
-                refold_alone(writer, snapshot.account_id, head).await?;
+                refold_alone(writer, vault, snapshot.account_id, head).await?;
             }
             other => other?,
         }
@@ -230,11 +239,12 @@ async fn save_rebuilt(
 /// quarantining every event whose snapshot the database refuses.
 async fn refold_alone(
     writer: &mut store::PgConnection,
+    vault: &Vault,
     account: Uuid,
     head: i64,
 ) -> Result<(), RebuildError> {
     let events: Vec<StoredEvent> =
-        store::log::account_events_by_account(writer, head, Some(account))
+        store::log::account_events_by_account(writer, vault, head, Some(account))
             .try_collect()
             .await?;
     let mut state: Option<AccountSnapshot> = None;
@@ -242,13 +252,15 @@ async fn refold_alone(
         let Ok(Some(next)) = fold_stored(state.clone(), stored) else {
             continue;
         };
-        match store::snapshots::save(writer, Table::Rebuild, std::slice::from_ref(&next)).await {
+        match store::snapshots::save(writer, vault, Table::Rebuild, std::slice::from_ref(&next))
+            .await
+        {
             Ok(()) => state = Some(next),
             Err(error) if error.is_refusal() => {
                 tracing::warn!(position = stored.position, %account, reason = %error.reason(),
                     "event quarantined: the database refused its snapshot");
                 let refusal = Refusal::by_store(stored, &error);
-                store::quarantine::record(writer, std::slice::from_ref(&refusal)).await?;
+                store::quarantine::record(writer, vault, std::slice::from_ref(&refusal)).await?;
             }
             Err(error) => return Err(error.into()),
         }
@@ -261,13 +273,18 @@ async fn refold_alone(
 
 /// Refolds one account's snapshot from its events up to the live checkpoint, in the live table.
 #[tracing::instrument(skip(pool))]
-pub async fn rebuild_account(pool: &PgPool, account: Uuid) -> Result<RebuildReport, RebuildError> {
+pub async fn rebuild_account(
+    pool: &PgPool,
+    vault: &Vault,
+    account: Uuid,
+) -> Result<RebuildReport, RebuildError> {
     let mut conn = store::acquire(pool).await?;
     let mut tx = store::begin(&mut conn).await?;
     let checkpoint = store::checkpoints::lock(&mut tx, CHECKPOINT).await?;
     let mut events = 0u64;
     let snapshot = {
-        let mut stream = store::log::account_events_by_account(&mut tx, checkpoint, Some(account));
+        let mut stream =
+            store::log::account_events_by_account(&mut tx, vault, checkpoint, Some(account));
         let mut folder = AccountFolder::default();
         while let Some(stored) = stream.try_next().await? {
             folder.push(&stored);
@@ -275,12 +292,12 @@ pub async fn rebuild_account(pool: &PgPool, account: Uuid) -> Result<RebuildRepo
         }
         let refusals = std::mem::take(&mut folder.refusals);
         drop(stream);
-        store::quarantine::record(&mut tx, &refusals).await?;
+        store::quarantine::record(&mut tx, vault, &refusals).await?;
         folder.finish()
     };
     let accounts = match snapshot {
         Some(snapshot) => {
-            store::snapshots::save(&mut tx, Table::Live, &[snapshot]).await?;
+            store::snapshots::save(&mut tx, vault, Table::Live, &[snapshot]).await?;
             1
         }
         None => {
@@ -301,6 +318,7 @@ pub async fn rebuild_account(pool: &PgPool, account: Uuid) -> Result<RebuildRepo
 #[tracing::instrument(skip(pool, progress))]
 pub async fn verify(
     pool: &PgPool,
+    vault: &Vault,
     account: Option<Uuid>,
     progress: &dyn Progress,
 ) -> Result<Vec<Difference>, RebuildError> {
@@ -315,8 +333,9 @@ pub async fn verify(
 
     let mut differences = vec![];
     {
-        let mut folded = store::log::account_events_by_account(&mut events_tx, checkpoint, account);
-        let mut live = store::snapshots::stream_live(&mut snapshots_tx, account);
+        let mut folded =
+            store::log::account_events_by_account(&mut events_tx, vault, checkpoint, account);
+        let mut live = store::snapshots::stream_live(&mut snapshots_tx, vault, account);
         let mut next_live = live.try_next().await?;
         let mut folder = AccountFolder::default();
         let mut pending: Vec<AccountSnapshot> = vec![];

@@ -8,6 +8,8 @@
 //! - [`locks`]: every advisory lock by name; [`leader`]: [`leader::run_as_leader`], the standby
 //!   loop of every single-writer role.
 //! - [`quarantine`]: events the fold or the store refused; [`enrichment`]: the enricher's queue.
+//! - [`keys`]: account keys and the [`keys::Vault`] that seals every copy of personal data at
+//!   rest; [`erasure`]: destroying an account's key, and sealing a log written before encryption.
 //! - [`kept`]: connections kept between short requests, without the pool's ping on every return.
 //! - [`begin`], [`begin_consistent_read`], [`begin_shared_read`]: transactions by name, so no
 //!   other crate needs sqlx.
@@ -35,7 +37,9 @@
 
 pub mod checkpoints;
 pub mod enrichment;
+pub mod erasure;
 pub mod kept;
+pub mod keys;
 pub mod leader;
 pub mod locks;
 pub mod log;
@@ -86,6 +90,13 @@ pub enum Error {
         applied: i64,
         latest: i64,
     },
+    /// The keys that open this database's data are not configured: DATA_KEYS lacks a key-encryption
+    /// key, or none is configured at all. Retrying does not help until the configuration changes.
+    #[error("encryption keys: {0}")]
+    Keys(String),
+    /// A stored account key fails authentication (altered in the table).
+    #[error("{0}")]
+    KeyTampered(String),
     /// The checkpoint was not where this projector left it: another writer moved it.
     #[error("the checkpoint {name} moved from {expected}: another projector is writing")]
     Fenced { name: String, expected: i64 },

@@ -9,6 +9,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::Result;
+use crate::keys::{KEY_COLUMNS, NO_ACCOUNT, Opened, RowKey, Vault};
 
 /// A delivery about to be appended: the raw body, its signature header, and what its envelope says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,16 +47,26 @@ pub struct Appended {
 /// the delivery is committed and durable.
 pub async fn append(
     pool: &PgPool,
+    vault: &Vault,
     delivery: &Delivery,
     dedup_window: Duration,
 ) -> Result<Appended> {
     let mut conn = pool.acquire().await?;
-    let appended = append_in(&mut conn, std::slice::from_ref(delivery), dedup_window).await?;
+    let appended = append_in(
+        &mut conn,
+        vault,
+        std::slice::from_ref(delivery),
+        dedup_window,
+    )
+    .await?;
     Ok(appended[0])
 }
 
 /// Appends webhook deliveries, in order, inside the caller's transaction (or as one transaction if
 /// the connection has none); durable once that commits. One answer per delivery, in order.
+///
+/// Each body is sealed with its account's key (made first if the account has none: a statement
+/// of its own, once per account), bound to the account and the sha256 of the body as received.
 ///
 /// Takes [`crate::locks::APPEND_LOCK`] until the transaction ends. A body identical (sha256) to an event received
 /// less than `dedup_window` ago, earlier deliveries of the same call included, is recorded as
@@ -63,10 +74,11 @@ pub async fn append(
 #[tracing::instrument(skip_all, fields(deliveries = deliveries.len()))]
 pub async fn append_in(
     conn: &mut PgConnection,
+    vault: &Vault,
     deliveries: &[Delivery],
     dedup_window: Duration,
 ) -> Result<Vec<Appended>> {
-    append_as(conn, Origin::Webhook, deliveries, dedup_window).await
+    append_as(conn, vault, Origin::Webhook, deliveries, dedup_window).await
 }
 
 /// Appends answers of Argyle's API (`argyle.account_fetched`, `argyle.account_not_found`; no
@@ -75,14 +87,16 @@ pub async fn append_in(
 #[tracing::instrument(skip_all, fields(deliveries = deliveries.len()))]
 pub async fn append_fetched_in(
     conn: &mut PgConnection,
+    vault: &Vault,
     deliveries: &[Delivery],
     dedup_window: Duration,
 ) -> Result<Vec<Appended>> {
-    append_as(conn, Origin::ArgyleApi, deliveries, dedup_window).await
+    append_as(conn, vault, Origin::ArgyleApi, deliveries, dedup_window).await
 }
 
 async fn append_as(
     conn: &mut PgConnection,
+    vault: &Vault,
     origin: Origin,
     deliveries: &[Delivery],
     dedup_window: Duration,
@@ -93,22 +107,42 @@ async fn append_as(
     let events: Vec<&str> = deliveries.iter().map(|d| d.event.as_str()).collect();
     let accounts: Vec<Option<Uuid>> = deliveries.iter().map(|d| d.account_id).collect();
     let users: Vec<Option<Uuid>> = deliveries.iter().map(|d| d.user_id).collect();
-    let bodies: Vec<&[u8]> = deliveries.iter().map(|d| d.body.as_slice()).collect();
+    let subjects: Vec<Uuid> = accounts.iter().map(|a| a.unwrap_or(NO_ACCOUNT)).collect();
+    let sealers = vault.sealers(conn, &subjects).await?;
+    let sha256s: Vec<Vec<u8>> = deliveries
+        .iter()
+        .map(|d| crate::keys::sha256(&d.body))
+        .collect();
+    let bodies: Vec<Vec<u8>> = deliveries
+        .iter()
+        .zip(&subjects)
+        .zip(&sha256s)
+        .map(|((d, subject), sha256)| {
+            sealers[subject].seal(
+                sealing::Aad::Event {
+                    account: *subject,
+                    sha256,
+                },
+                &d.body,
+            )
+        })
+        .collect();
     let window = dedup_window.as_secs_f64();
-    // migrations/V12__least_privilege.sql (first V5): lock, positions, sha256s, dedup lookups and
-    // inserts, in one round trip, as the schema's owner (the service may not insert itself).
+    // migrations/V16__erasure.sql (first V5): lock, positions, dedup lookups and inserts, in one
+    // round trip, as the schema's owner (the service may not insert itself).
     let rows: Vec<(i64, bool)> = match origin {
         Origin::Webhook => {
             let signatures: Vec<Option<&str>> =
                 deliveries.iter().map(|d| d.signature.as_deref()).collect();
             sqlx::query_as(
                 "SELECT appended_position, is_duplicate
-                 FROM append_webhooks($1, $2, $3, $4, $5, make_interval(secs => $6))",
+                 FROM append_webhooks($1, $2, $3, $4, $5, $6, make_interval(secs => $7))",
             )
             .bind(events)
             .bind(accounts)
             .bind(users)
             .bind(bodies)
+            .bind(sha256s)
             .bind(signatures)
             .bind(window)
             .fetch_all(&mut *conn)
@@ -117,12 +151,13 @@ async fn append_as(
         Origin::ArgyleApi => {
             sqlx::query_as(
                 "SELECT appended_position, is_duplicate
-                 FROM append_fetched($1, $2, $3, $4, make_interval(secs => $5))",
+                 FROM append_fetched($1, $2, $3, $4, $5, make_interval(secs => $6))",
             )
             .bind(events)
             .bind(accounts)
             .bind(users)
             .bind(bodies)
+            .bind(sha256s)
             .bind(window)
             .fetch_all(&mut *conn)
             .await?
@@ -144,16 +179,17 @@ enum Origin {
     ArgyleApi,
 }
 
-/// One event as stored, with the raw body the fold parses.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+/// One event as stored, with its body opened for the fold.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
     pub position: i64,
     pub received_at: DateTime<Utc>,
     pub event: String,
     pub account_id: Option<Uuid>,
     pub user_id: Option<Uuid>,
-    pub body: Vec<u8>,
-    /// `webhook` or `argyle_api`; `None` for events appended before the log recorded it.
+    /// The body exactly as received, or why it cannot be read.
+    pub body: Opened,
+    /// `webhook`, `argyle_api` or `erasure`; `None` for events appended before the log recorded it.
     pub origin: Option<String>,
 }
 
@@ -163,63 +199,168 @@ impl StoredEvent {
         domain::RawEvent {
             position: self.position,
             received_at: self.received_at,
-            body: &self.body,
+            event: &self.event,
+            account: self.account_id,
+            user: self.user_id,
+            body: match &self.body {
+                Opened::Plain(body) => domain::RawBody::Plain(body),
+                Opened::Erased => domain::RawBody::Erased,
+                Opened::Unreadable(reason) => domain::RawBody::Unreadable(reason),
+            },
             origin: match self.origin.as_deref() {
                 Some("webhook") => domain::Origin::Webhook,
+                Some("erasure") => domain::Origin::Erasure,
                 Some(_) => domain::Origin::ArgyleApi,
                 None => domain::Origin::Unrecorded,
             },
         }
     }
 
-    /// Parses the stored body into the fold's input.
-    pub fn to_logged(&self) -> Result<LoggedEvent, EnvelopeError> {
-        Ok(LoggedEvent {
+    /// Parses the stored body into the fold's input (`None` when it cannot be read).
+    pub fn to_logged(&self) -> Option<Result<LoggedEvent, EnvelopeError>> {
+        let Opened::Plain(body) = &self.body else {
+            return None;
+        };
+        Some(Envelope::parse_logged(body).map(|envelope| LoggedEvent {
             position: self.position,
             received_at: self.received_at,
-            envelope: Envelope::parse_logged(&self.body)?,
+            envelope,
+        }))
+    }
+}
+
+/// A row of `events` with its account's key columns, before its body is opened.
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    position: i64,
+    received_at: DateTime<Utc>,
+    event: String,
+    account_id: Option<Uuid>,
+    user_id: Option<Uuid>,
+    body: Vec<u8>,
+    body_sha256: Vec<u8>,
+    origin: Option<String>,
+    #[sqlx(flatten)]
+    key: RowKey,
+}
+
+/// The columns of [`EventRow`], from `events e` joined with its key ([`KEYED`]).
+const EVENT_COLUMNS: &str =
+    "e.position, e.received_at, e.event, e.account_id, e.user_id, e.body, e.body_sha256, e.origin";
+
+/// `events e` with the key of its account (the nil account's for events that name none).
+const KEYED: &str = "events e LEFT JOIN account_keys k
+     ON k.account_id = coalesce(e.account_id, '00000000-0000-0000-0000-000000000000'::uuid)";
+
+/// Opens a log body read with its key.
+fn open_body(
+    vault: &Vault,
+    account: Option<Uuid>,
+    key: &RowKey,
+    body: Vec<u8>,
+    sha256: &[u8],
+) -> Result<Opened> {
+    let subject = account.unwrap_or(NO_ACCOUNT);
+    vault.open(
+        subject,
+        key,
+        sealing::Aad::Event {
+            account: subject,
+            sha256,
+        },
+        body,
+        Some(sha256),
+    )
+}
+
+impl EventRow {
+    fn open(self, vault: &Vault) -> Result<StoredEvent> {
+        let body = open_body(
+            vault,
+            self.account_id,
+            &self.key,
+            self.body,
+            &self.body_sha256,
+        )?;
+        Ok(StoredEvent {
+            position: self.position,
+            received_at: self.received_at,
+            event: self.event,
+            account_id: self.account_id,
+            user_id: self.user_id,
+            body,
+            origin: self.origin,
         })
     }
 }
 
+fn rows_to_events(rows: Vec<EventRow>, vault: &Vault) -> Result<Vec<StoredEvent>> {
+    rows.into_iter().map(|row| row.open(vault)).collect()
+}
+
 /// Leaves out the events the database refused to fold (see [`crate::quarantine::RefusedBy::Store`]):
-/// every fold of the log reads through it, so none folds what the projector could not write.
-const NOT_REFUSED_BY_STORE: &str = "NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.position = events.position AND q.refused_by = 'store')";
+/// every fold of the log reads through it, so none folds what the projector could not write. Of an
+/// erased account, whose bodies no fold can read again to decide, every refusal recorded stands.
+const NOT_REFUSED_BY_STORE: &str = "NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.position = e.position AND (q.refused_by = 'store' OR k.erased_at IS NOT NULL))";
 
 /// Up to `limit` events with `position > after`, in log order, but those the database refused to
 /// fold (see [`NOT_REFUSED_BY_STORE`]).
 #[tracing::instrument(skip(conn))]
 pub async fn read_after(
     conn: &mut PgConnection,
+    vault: &Vault,
     after: i64,
     limit: i64,
 ) -> Result<Vec<StoredEvent>> {
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT position, received_at, event, account_id, user_id, body, origin
-         FROM events WHERE position > $1 AND {NOT_REFUSED_BY_STORE} ORDER BY position LIMIT $2"
+    let rows: Vec<EventRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS}
+         FROM {KEYED} WHERE e.position > $1 AND {NOT_REFUSED_BY_STORE} ORDER BY e.position LIMIT $2"
     )))
     .bind(after)
     .bind(limit)
     .fetch_all(conn)
-    .await?)
+    .await?;
+    rows_to_events(rows, vault)
+}
+
+/// Whether each event at `positions` opens to the body its sha256 names, read as every reader
+/// reads it: `(position, opens)`.
+pub(crate) async fn read_positions(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    positions: &[i64],
+) -> Result<Vec<(i64, bool)>> {
+    let rows: Vec<EventRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS} FROM {KEYED} WHERE e.position = ANY($1) ORDER BY e.position"
+    )))
+    .bind(positions)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let position = row.position;
+            Ok((position, matches!(row.open(vault)?.body, Opened::Plain(_))))
+        })
+        .collect()
 }
 
 /// Every event of `accounts` with `position > after`, in log order, streamed, but those the
 /// database refused to fold (see [`NOT_REFUSED_BY_STORE`]).
 pub fn stream_accounts_after<'c>(
     conn: &'c mut PgConnection,
+    vault: &'c Vault,
     accounts: &'c [Uuid],
     after: i64,
 ) -> BoxStream<'c, Result<StoredEvent>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT position, received_at, event, account_id, user_id, body, origin
-         FROM events WHERE account_id = ANY($1) AND position > $2 AND {NOT_REFUSED_BY_STORE}
-         ORDER BY position"
+        "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS}
+         FROM {KEYED} WHERE e.account_id = ANY($1) AND e.position > $2 AND {NOT_REFUSED_BY_STORE}
+         ORDER BY e.position"
     )))
     .bind(accounts)
     .bind(after)
     .fetch(conn)
-    .map(|row| row.map_err(Into::into))
+    .map(move |row: sqlx::Result<EventRow>| row?.open(vault))
     .boxed()
 }
 
@@ -270,7 +411,7 @@ impl AppendNotifications {
 }
 
 /// One event as the API and the export show it: the stored row plus how often it was delivered.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventRecord {
     pub position: i64,
     pub received_at: DateTime<Utc>,
@@ -279,38 +420,82 @@ pub struct EventRecord {
     pub user_id: Option<Uuid>,
     /// The first delivery plus every redelivery.
     pub deliveries: i64,
-    /// The request body exactly as received.
-    pub body: Vec<u8>,
+    /// The request body exactly as received, or why it cannot be read (erased, altered).
+    pub body: Opened,
+    /// The sha256 of the body as received.
     pub body_sha256: Vec<u8>,
     /// The `X-Argyle-Signature` header of the first delivery, as received.
     pub signature: Option<String>,
 }
 
+#[derive(sqlx::FromRow)]
+struct RecordRow {
+    position: i64,
+    received_at: DateTime<Utc>,
+    event: String,
+    account_id: Option<Uuid>,
+    user_id: Option<Uuid>,
+    deliveries: i64,
+    body: Vec<u8>,
+    body_sha256: Vec<u8>,
+    signature: Option<String>,
+    #[sqlx(flatten)]
+    key: RowKey,
+}
+
+impl RecordRow {
+    fn open(self, vault: &Vault) -> Result<EventRecord> {
+        let body = open_body(
+            vault,
+            self.account_id,
+            &self.key,
+            self.body,
+            &self.body_sha256,
+        )?;
+        Ok(EventRecord {
+            position: self.position,
+            received_at: self.received_at,
+            event: self.event,
+            account_id: self.account_id,
+            user_id: self.user_id,
+            deliveries: self.deliveries,
+            body,
+            body_sha256: self.body_sha256,
+            signature: self.signature,
+        })
+    }
+}
+
 const RECORD_COLUMNS: &str = "e.position, e.received_at, e.event, e.account_id, e.user_id, e.body, e.body_sha256, \
-     e.signature, 1 + (SELECT count(*) FROM redeliveries r WHERE r.position = e.position) AS deliveries";
+     e.signature, 1 + (SELECT count(*) FROM redeliveries r WHERE r.position = e.position) AS deliveries, \
+     k.kek_id, k.wrapped_key, (k.erased_at IS NOT NULL) AS erased";
 
 /// Up to `limit` events after `after` in log order, of one account or of the whole log, streamed
 /// so a caller can stop early (a page bounded by bytes as well as by rows).
-pub fn page(
-    conn: &mut PgConnection,
+pub fn page<'c>(
+    conn: &'c mut PgConnection,
+    vault: &'c Vault,
     account: Option<Uuid>,
     after: i64,
     limit: i64,
-) -> BoxStream<'_, Result<EventRecord>> {
+) -> BoxStream<'c, Result<EventRecord>> {
     let query = match account {
         Some(account) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM events e WHERE e.account_id = $3 AND e.position > $1 ORDER BY e.position LIMIT $2"
+            "SELECT {RECORD_COLUMNS} FROM {KEYED} WHERE e.account_id = $3 AND e.position > $1 ORDER BY e.position LIMIT $2"
         )))
         .bind(after)
         .bind(limit)
         .bind(account),
         None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM events e WHERE e.position > $1 ORDER BY e.position LIMIT $2"
+            "SELECT {RECORD_COLUMNS} FROM {KEYED} WHERE e.position > $1 ORDER BY e.position LIMIT $2"
         )))
         .bind(after)
         .bind(limit),
     };
-    query.fetch(conn).map(|row| row.map_err(Into::into)).boxed()
+    query
+        .fetch(conn)
+        .map(move |row: sqlx::Result<RecordRow>| row?.open(vault))
+        .boxed()
 }
 
 /// Which events an export covers. Every bound is optional; `since` is inclusive, `until` exclusive,
@@ -324,9 +509,13 @@ pub struct ExportFilter {
 }
 
 /// Every event matching `filter`, streamed in log order (constant memory).
-pub fn export(conn: &mut PgConnection, filter: ExportFilter) -> BoxStream<'_, Result<EventRecord>> {
+pub fn export<'c>(
+    conn: &'c mut PgConnection,
+    vault: &'c Vault,
+    filter: ExportFilter,
+) -> BoxStream<'c, Result<EventRecord>> {
     let mut query =
-        sqlx::QueryBuilder::new(format!("SELECT {RECORD_COLUMNS} FROM events e WHERE true"));
+        sqlx::QueryBuilder::new(format!("SELECT {RECORD_COLUMNS} FROM {KEYED} WHERE true"));
     if let Some(account) = filter.account {
         query.push(" AND e.account_id = ").push_bind(account);
     }
@@ -342,9 +531,9 @@ pub fn export(conn: &mut PgConnection, filter: ExportFilter) -> BoxStream<'_, Re
     query.push(" ORDER BY e.position");
     // The stream borrows the builder's SQL, so it is built and driven inside one owned stream.
     async_stream::try_stream! {
-        let mut rows = query.build_query_as::<EventRecord>().fetch(conn);
+        let mut rows = query.build_query_as::<RecordRow>().fetch(conn);
         while let Some(row) = rows.try_next().await? {
-            yield row;
+            yield row.open(vault)?;
         }
     }
     .boxed()
@@ -369,52 +558,59 @@ impl Until {
 
 /// One account's events in log order, up to `until`, streamed (those the database refused to
 /// fold left out, see [`NOT_REFUSED_BY_STORE`]).
-pub fn account_history(
-    conn: &mut PgConnection,
+pub fn account_history<'c>(
+    conn: &'c mut PgConnection,
+    vault: &'c Vault,
     account: Uuid,
     until: Until,
-) -> BoxStream<'_, Result<StoredEvent>> {
+) -> BoxStream<'c, Result<StoredEvent>> {
     let sql = format!(
-        "SELECT position, received_at, event, account_id, user_id, body, origin FROM events
-          WHERE account_id = $1 AND ($2::bigint IS NULL OR position <= $2)
-            AND ($3::timestamptz IS NULL OR received_at <= $3) AND {NOT_REFUSED_BY_STORE}
-          ORDER BY position"
+        "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS} FROM {KEYED}
+          WHERE e.account_id = $1 AND ($2::bigint IS NULL OR e.position <= $2)
+            AND ($3::timestamptz IS NULL OR e.received_at <= $3) AND {NOT_REFUSED_BY_STORE}
+          ORDER BY e.position"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(account)
         .bind(until.position)
         .bind(until.received_at)
         .fetch(conn)
-        .map(|row| row.map_err(Into::into))
+        .map(move |row: sqlx::Result<EventRow>| row?.open(vault))
         .boxed()
 }
 
 /// The events the fold reads ([`domain::EventKind::is_folded`]): every `accounts.*` event
 /// and the service's own folded answers of Argyle's API ([`FOLDED_API_ANSWERS`]), bound as `$3`.
-const FOLDED: &str = "account_id IS NOT NULL AND (event LIKE 'accounts.%' OR event = ANY($3))";
+const FOLDED: &str =
+    "e.account_id IS NOT NULL AND (e.event LIKE 'accounts.%' OR e.event = ANY($3))";
 
-/// The names of the API answers the fold reads, besides `accounts.*`.
-const FOLDED_API_ANSWERS: [&str; 2] = [domain::ACCOUNT_FETCHED, domain::ACCOUNT_GONE];
+/// The names of the service's own events the fold reads, besides `accounts.*`.
+const FOLDED_API_ANSWERS: [&str; 3] = [
+    domain::ACCOUNT_FETCHED,
+    domain::ACCOUNT_GONE,
+    domain::ACCOUNT_ERASED,
+];
 
 /// Every folded event up to `up_to` (or only `account`'s), streamed ordered by account and then
 /// position, so a rebuild can fold one account at a time in constant memory.
-pub fn account_events_by_account(
-    conn: &mut PgConnection,
+pub fn account_events_by_account<'c>(
+    conn: &'c mut PgConnection,
+    vault: &'c Vault,
     up_to: i64,
     account: Option<Uuid>,
-) -> BoxStream<'_, Result<StoredEvent>> {
+) -> BoxStream<'c, Result<StoredEvent>> {
     let sql = format!(
-        "SELECT position, received_at, event, account_id, user_id, body, origin FROM events
-         WHERE position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR account_id = $2)
+        "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS} FROM {KEYED}
+         WHERE e.position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR e.account_id = $2)
            AND {NOT_REFUSED_BY_STORE}
-         ORDER BY account_id, position"
+         ORDER BY e.account_id, e.position"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(up_to)
         .bind(account)
         .bind(&FOLDED_API_ANSWERS[..])
         .fetch(conn)
-        .map(|row| row.map_err(Into::into))
+        .map(move |row: sqlx::Result<EventRow>| row?.open(vault))
         .boxed()
 }
 
@@ -425,8 +621,8 @@ pub async fn count_account_events(
     account: Option<Uuid>,
 ) -> Result<i64> {
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM events
-         WHERE position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR account_id = $2)
+        "SELECT count(*) FROM {KEYED}
+         WHERE e.position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR e.account_id = $2)
            AND {NOT_REFUSED_BY_STORE}"
     )))
     .bind(up_to)

@@ -228,17 +228,18 @@ pub enum Known<'a> {
 /// up.
 pub async fn known(
     conn: &mut PgConnection,
+    vault: &crate::keys::Vault,
     accounts: &[Uuid],
     mut each: impl FnMut(Known<'_>),
 ) -> Result<()> {
     use futures_util::TryStreamExt;
     let mut tx = crate::begin_consistent_read(conn).await?;
     let checkpoint = crate::checkpoints::get(&mut tx, crate::checkpoints::PROJECTION).await?;
-    for snapshot in crate::snapshots::current(&mut tx, accounts).await? {
+    for snapshot in crate::snapshots::current(&mut tx, vault, accounts).await? {
         each(Known::Snapshot(snapshot));
     }
     {
-        let mut events = crate::log::stream_accounts_after(&mut tx, accounts, checkpoint);
+        let mut events = crate::log::stream_accounts_after(&mut tx, vault, accounts, checkpoint);
         while let Some(event) = events.try_next().await? {
             each(Known::Event(&event));
         }
@@ -258,7 +259,9 @@ pub async fn missing(
 ) -> Result<Vec<(Uuid, Uuid)>> {
     Ok(sqlx::query_as(
         "SELECT s.account_id, s.user_id FROM account_snapshots s
-         WHERE s.status = 'active' AND s.first_seen_at <= $2 AND s.account_id > $5
+         WHERE s.status = 'active'
+           AND NOT EXISTS (SELECT 1 FROM account_keys k
+                           WHERE k.account_id = s.account_id AND k.erased_at IS NOT NULL) AND s.first_seen_at <= $2 AND s.account_id > $5
            AND ($3::uuid IS NULL OR s.user_id = $3) AND ($4::uuid IS NULL OR s.account_id = $4)
            AND NOT EXISTS (SELECT 1 FROM reconcile_listed l
                            WHERE l.run_id = $1 AND l.account_id = s.account_id)
@@ -282,7 +285,9 @@ pub async fn held_active(
 ) -> Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT count(*) FROM account_snapshots s
-         WHERE s.status = 'active' AND s.first_seen_at <= $1
+         WHERE s.status = 'active'
+           AND NOT EXISTS (SELECT 1 FROM account_keys k
+                           WHERE k.account_id = s.account_id AND k.erased_at IS NOT NULL) AND s.first_seen_at <= $1
            AND ($2::uuid IS NULL OR s.user_id = $2) AND ($3::uuid IS NULL OR s.account_id = $3)",
     )
     .bind(seen_by)

@@ -7,6 +7,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::Result;
+use crate::keys::{Opened, RowKey, Vault};
 
 /// Where snapshots are read and written: the live table the API serves, or the rebuild's shadow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,37 +31,88 @@ struct SnapshotRow {
     user_id: Uuid,
     status: String,
     connection_status: Option<String>,
-    resource: Option<String>,
+    resource: Option<Vec<u8>>,
     version: i64,
     last_position: i64,
     last_event: String,
     first_seen_at: DateTime<Utc>,
     last_event_at: DateTime<Utc>,
     removed_at: Option<DateTime<Utc>>,
+    #[sqlx(flatten)]
+    key: RowKey,
 }
 
-impl From<SnapshotRow> for AccountSnapshot {
-    fn from(row: SnapshotRow) -> Self {
-        AccountSnapshot {
-            account_id: row.account_id,
-            user_id: row.user_id,
-            // The CHECK constraint admits only the two values AccountStatus knows.
-            status: AccountStatus::parse(&row.status).unwrap_or(AccountStatus::Active),
-            connection_status: row.connection_status,
-            // The column is `json`, which holds only valid JSON.
-            resource: row.resource.as_deref().and_then(Resource::from_json),
-            version: row.version,
-            last_position: row.last_position,
-            last_event: row.last_event,
-            first_seen_at: row.first_seen_at,
-            last_event_at: row.last_event_at,
-            removed_at: row.removed_at,
-        }
+/// How a read shows an erased account whose snapshot the projector has not refolded yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Erased {
+    /// As every answer about it must ([`AccountSnapshot::erased`]): the query API and the feed.
+    Shown,
+    /// As stored, with no resource (it cannot be opened): what the folds read and compare.
+    AsStored,
+}
+
+impl SnapshotRow {
+    fn open(self, vault: &Vault, erased: Erased) -> Result<AccountSnapshot> {
+        let resource = match self.resource {
+            None => None,
+            Some(stored) => match vault.open(
+                self.account_id,
+                &self.key,
+                sealing::Aad::Snapshot {
+                    account: self.account_id,
+                },
+                stored,
+                None,
+            )? {
+                // Written from a fold's resource, which is always valid JSON text.
+                Opened::Plain(text) => String::from_utf8(text)
+                    .ok()
+                    .as_deref()
+                    .and_then(Resource::from_json),
+                Opened::Erased => None,
+                Opened::Unreadable(reason) => {
+                    tracing::error!(account = %self.account_id, %reason,
+                        "a snapshot's resource cannot be read; it is served without one until refolded");
+                    None
+                }
+            },
+        };
+        let snapshot = AccountSnapshot {
+            account_id: self.account_id,
+            user_id: self.user_id,
+            // The CHECK constraint admits only the values AccountStatus knows.
+            status: AccountStatus::parse(&self.status).unwrap_or(AccountStatus::Active),
+            connection_status: self.connection_status,
+            resource,
+            version: self.version,
+            last_position: self.last_position,
+            last_event: self.last_event,
+            first_seen_at: self.first_seen_at,
+            last_event_at: self.last_event_at,
+            removed_at: self.removed_at,
+        };
+        Ok(if erased == Erased::Shown && self.key.is_erased() {
+            snapshot.erased()
+        } else {
+            snapshot
+        })
     }
 }
 
-const SNAPSHOT_COLUMNS: &str = "account_id, user_id, status, connection_status, resource::text AS resource, version, \
-     last_position, last_event, first_seen_at, last_event_at, removed_at";
+fn open_all(rows: Vec<SnapshotRow>, vault: &Vault, erased: Erased) -> Result<Vec<AccountSnapshot>> {
+    rows.into_iter()
+        .map(|row| row.open(vault, erased))
+        .collect()
+}
+
+const SNAPSHOT_COLUMNS: &str = "s.account_id, s.user_id, s.status, s.connection_status, s.resource, s.version, \
+     s.last_position, s.last_event, s.first_seen_at, s.last_event_at, s.removed_at, \
+     k.kek_id, k.wrapped_key, (k.erased_at IS NOT NULL) AS erased";
+
+/// `table s` with its account's key.
+fn keyed(table: &str) -> String {
+    format!("{table} s LEFT JOIN account_keys k ON k.account_id = s.account_id")
+}
 
 /// The live snapshots of the given accounts, for the query API (missing ones are simply absent).
 ///
@@ -72,21 +124,24 @@ const SNAPSHOT_COLUMNS: &str = "account_id, user_id, status, connection_status, 
 #[tracing::instrument(skip_all, fields(accounts = account_ids.len()))]
 pub async fn current(
     conn: &mut PgConnection,
+    vault: &Vault,
     account_ids: &[Uuid],
 ) -> Result<Vec<AccountSnapshot>> {
     let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE account_id = ANY($1)"
+        "SELECT {SNAPSHOT_COLUMNS} FROM {} WHERE s.account_id = ANY($1)",
+        keyed("account_snapshots")
     )))
     .bind(account_ids)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
+    open_all(rows, vault, Erased::Shown)
 }
 
 /// The snapshots of several accounts (missing ones are simply absent).
 #[tracing::instrument(skip_all, fields(accounts = account_ids.len()))]
 pub async fn get_many(
     conn: &mut PgConnection,
+    vault: &Vault,
     table: Table,
     account_ids: &[Uuid],
 ) -> Result<Vec<AccountSnapshot>> {
@@ -94,14 +149,14 @@ pub async fn get_many(
     // one page (a seq scan) would otherwise stay for good where autovacuum never analyzes it,
     // scanning the whole table every projector batch as it grows.
     let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SNAPSHOT_COLUMNS} FROM {} WHERE account_id = ANY($1)",
-        table.name()
+        "SELECT {SNAPSHOT_COLUMNS} FROM {} WHERE s.account_id = ANY($1)",
+        keyed(table.name())
     )))
     .bind(account_ids)
     .persistent(false)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
+    open_all(rows, vault, Erased::AsStored)
 }
 
 /// One page of the compacted change feed: up to `limit` snapshots whose `last_position` is after
@@ -114,14 +169,16 @@ pub async fn get_many(
 /// page gives never misses it.
 pub async fn changed_after(
     conn: &mut PgConnection,
+    vault: &Vault,
     after: i64,
     limit: i64,
 ) -> Result<(Vec<AccountSnapshot>, i64)> {
     let mut tx = crate::begin_consistent_read(conn).await?;
     let checkpoint = crate::checkpoints::get(&mut tx, crate::checkpoints::PROJECTION).await?;
     let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots
-         WHERE last_position > $1 AND last_position <= $2 ORDER BY last_position LIMIT $3"
+        "SELECT {SNAPSHOT_COLUMNS} FROM {}
+         WHERE s.last_position > $1 AND s.last_position <= $2 ORDER BY s.last_position LIMIT $3",
+        keyed("account_snapshots")
     )))
     .bind(after)
     .bind(checkpoint)
@@ -129,41 +186,47 @@ pub async fn changed_after(
     .fetch_all(&mut *tx)
     .await?;
     crate::commit(tx).await?;
-    Ok((rows.into_iter().map(Into::into).collect(), checkpoint))
+    Ok((open_all(rows, vault, Erased::Shown)?, checkpoint))
 }
 
 /// Every snapshot of one user, oldest account first.
 #[tracing::instrument(skip(conn))]
-pub async fn of_user(conn: &mut PgConnection, user_id: Uuid) -> Result<Vec<AccountSnapshot>> {
+pub async fn of_user(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    user_id: Uuid,
+) -> Result<Vec<AccountSnapshot>> {
     let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE user_id = $1 ORDER BY first_seen_at, account_id"
+        "SELECT {SNAPSHOT_COLUMNS} FROM {} WHERE s.user_id = $1 ORDER BY s.first_seen_at, s.account_id",
+        keyed("account_snapshots")
     )))
     .bind(user_id)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
+    open_all(rows, vault, Erased::Shown)
 }
 
-/// Every live snapshot, in account order.
-pub async fn all(conn: &mut PgConnection) -> Result<Vec<AccountSnapshot>> {
+/// Every live snapshot as stored, in account order.
+pub async fn all(conn: &mut PgConnection, vault: &Vault) -> Result<Vec<AccountSnapshot>> {
     let rows: Vec<SnapshotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots ORDER BY account_id"
+        "SELECT {SNAPSHOT_COLUMNS} FROM {} ORDER BY s.account_id",
+        keyed("account_snapshots")
     )))
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
+    open_all(rows, vault, Erased::AsStored)
 }
 
-/// Every live snapshot (or only `account`'s), streamed in account order.
-pub fn stream_live(
-    conn: &mut PgConnection,
+/// Every live snapshot (or only `account`'s) as stored, streamed in account order.
+pub fn stream_live<'c>(
+    conn: &'c mut PgConnection,
+    vault: &'c Vault,
     account: Option<Uuid>,
-) -> BoxStream<'_, Result<AccountSnapshot>> {
+) -> BoxStream<'c, Result<AccountSnapshot>> {
+    let table = keyed("account_snapshots");
     let sql = match account {
-        Some(_) => {
-            format!("SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots WHERE account_id = $1")
-        }
-        None => format!("SELECT {SNAPSHOT_COLUMNS} FROM account_snapshots ORDER BY account_id"),
+        Some(_) => format!("SELECT {SNAPSHOT_COLUMNS} FROM {table} WHERE s.account_id = $1"),
+        None => format!("SELECT {SNAPSHOT_COLUMNS} FROM {table} ORDER BY s.account_id"),
     };
     let mut query = sqlx::query_as::<_, SnapshotRow>(sqlx::AssertSqlSafe(sql));
     if let Some(account) = account {
@@ -171,7 +234,7 @@ pub fn stream_live(
     }
     query
         .fetch(conn)
-        .map(|row| row.map(Into::into).map_err(Into::into))
+        .map(move |row| row?.open(vault, Erased::AsStored))
         .boxed()
 }
 
@@ -221,6 +284,7 @@ pub async fn replace_live_with_rebuild(conn: &mut PgConnection) -> Result<u64> {
 #[tracing::instrument(skip_all, fields(snapshots = snapshots.len()))]
 pub async fn save(
     conn: &mut PgConnection,
+    vault: &Vault,
     table: Table,
     snapshots: &[AccountSnapshot],
 ) -> Result<()> {
@@ -228,7 +292,13 @@ pub async fn save(
         return Ok(());
     }
     // The store's own columns, one array each: the row format is this function's, not the API's.
-    // The resource goes as its exact JSON text to a `json` column, which keeps it byte for byte.
+    // The resource goes as its exact JSON text, sealed with the account's key.
+    let with_resource: Vec<Uuid> = snapshots
+        .iter()
+        .filter(|s| s.resource.is_some())
+        .map(|s| s.account_id)
+        .collect();
+    let sealers = vault.sealers(conn, &with_resource).await?;
     let account_ids: Vec<Uuid> = snapshots.iter().map(|s| s.account_id).collect();
     let user_ids: Vec<Uuid> = snapshots.iter().map(|s| s.user_id).collect();
     let statuses: Vec<&str> = snapshots.iter().map(|s| s.status.as_str()).collect();
@@ -236,9 +306,18 @@ pub async fn save(
         .iter()
         .map(|s| s.connection_status.as_deref())
         .collect();
-    let resources: Vec<Option<&str>> = snapshots
+    let resources: Vec<Option<Vec<u8>>> = snapshots
         .iter()
-        .map(|s| s.resource.as_ref().map(Resource::raw))
+        .map(|s| {
+            s.resource.as_ref().map(|resource| {
+                sealers[&s.account_id].seal(
+                    sealing::Aad::Snapshot {
+                        account: s.account_id,
+                    },
+                    resource.raw().as_bytes(),
+                )
+            })
+        })
         .collect();
     let resource_updated_ats: Vec<Option<DateTime<Utc>>> = snapshots
         .iter()
@@ -253,7 +332,7 @@ pub async fn save(
     let sql = format!(
         "INSERT INTO {} (account_id, user_id, status, connection_status, resource,
              resource_updated_at, version, last_position, last_event, first_seen_at, last_event_at, removed_at)
-         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[]::json[],
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bytea[],
              $6::timestamptz[], $7::bigint[], $8::bigint[], $9::text[], $10::timestamptz[],
              $11::timestamptz[], $12::timestamptz[])
          ON CONFLICT (account_id) DO UPDATE SET

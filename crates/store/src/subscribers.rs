@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::keys::{KEY_COLUMNS, Opened, RowKey, Sealer, Vault};
 use crate::{PgConnection, Result};
 
 /// A subscriber as `subscribers list` shows it.
@@ -86,8 +87,12 @@ pub async fn replay(conn: &mut PgConnection, id: Uuid, from: i64) -> Result<bool
 /// one, with a new id) and moves the subscriber's `scanned_to` from `from` to `to`, in one
 /// transaction. False if `scanned_to` was no longer `from` (a replay came in between): nothing
 /// is recorded.
+///
+/// Each body is sealed with its account's key; that of an erased account holds only the erased
+/// view (no personal data) and is kept as it is, so it can still be delivered.
 pub async fn enqueue(
     conn: &mut PgConnection,
+    vault: &Vault,
     subscriber: Uuid,
     from: i64,
     to: i64,
@@ -110,10 +115,23 @@ pub async fn enqueue(
         let accounts: Vec<Uuid> = messages.iter().map(|m| m.0).collect();
         let ids: Vec<Uuid> = messages.iter().map(|m| m.1).collect();
         let positions: Vec<i64> = messages.iter().map(|m| m.2).collect();
-        let bodies: Vec<&str> = messages.iter().map(|m| m.3.as_str()).collect();
+        let sealers = vault.sealers(&mut tx, &accounts).await?;
+        let bodies: Vec<Vec<u8>> = messages
+            .iter()
+            .map(|(account, id, _, body)| match &sealers[account] {
+                Sealer::Erased => body.as_bytes().to_vec(),
+                sealer => sealer.seal(
+                    sealing::Aad::Message {
+                        account: *account,
+                        message: *id,
+                    },
+                    body.as_bytes(),
+                ),
+            })
+            .collect();
         sqlx::query(
             "INSERT INTO subscriber_messages (subscriber_id, account_id, message_id, last_position, body)
-             SELECT $1, * FROM unnest($2::uuid[], $3::uuid[], $4::bigint[], $5::text[])
+             SELECT $1, * FROM unnest($2::uuid[], $3::uuid[], $4::bigint[], $5::bytea[])
              ON CONFLICT (subscriber_id, account_id) DO UPDATE SET
                  message_id = excluded.message_id, last_position = excluded.last_position,
                  body = excluded.body, created_at = now(), attempts = 0, next_attempt_at = now(),
@@ -133,29 +151,78 @@ pub async fn enqueue(
 }
 
 /// A message due for delivery.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub subscriber_id: Uuid,
     pub account_id: Uuid,
     pub message_id: Uuid,
     pub last_position: i64,
-    pub body: String,
+    /// The view to deliver; `None` when it can no longer be read (its account was erased since:
+    /// the erased view follows as a message of its own) and the message is to be dropped.
+    pub body: Option<String>,
     pub attempts: i32,
     pub url: String,
     pub secret: String,
 }
 
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    subscriber_id: Uuid,
+    account_id: Uuid,
+    message_id: Uuid,
+    last_position: i64,
+    body: Vec<u8>,
+    attempts: i32,
+    url: String,
+    secret: String,
+    #[sqlx(flatten)]
+    key: RowKey,
+}
+
 /// Up to `limit` messages due now, oldest due first.
-pub async fn due(conn: &mut PgConnection, limit: i64) -> Result<Vec<Message>> {
-    Ok(sqlx::query_as(
+pub async fn due(conn: &mut PgConnection, vault: &Vault, limit: i64) -> Result<Vec<Message>> {
+    let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT m.subscriber_id, m.account_id, m.message_id, m.last_position, m.body, m.attempts,
-                s.url, s.secret
+                s.url, s.secret, {KEY_COLUMNS}
          FROM subscriber_messages m JOIN subscribers s ON s.id = m.subscriber_id
-         WHERE m.next_attempt_at <= now() ORDER BY m.next_attempt_at LIMIT $1",
-    )
+         LEFT JOIN account_keys k ON k.account_id = m.account_id
+         WHERE m.next_attempt_at <= now() ORDER BY m.next_attempt_at LIMIT $1"
+    )))
     .bind(limit)
     .fetch_all(conn)
-    .await?)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let body = match vault.open(
+                row.account_id,
+                &row.key,
+                sealing::Aad::Message {
+                    account: row.account_id,
+                    message: row.message_id,
+                },
+                row.body,
+                None,
+            )? {
+                Opened::Plain(body) => String::from_utf8(body).ok(),
+                Opened::Erased => None,
+                Opened::Unreadable(reason) => {
+                    tracing::error!(account = %row.account_id, message = %row.message_id, %reason,
+                        "an outbound message cannot be read; it is dropped");
+                    None
+                }
+            };
+            Ok(Message {
+                subscriber_id: row.subscriber_id,
+                account_id: row.account_id,
+                message_id: row.message_id,
+                last_position: row.last_position,
+                body,
+                attempts: row.attempts,
+                url: row.url,
+                secret: row.secret,
+            })
+        })
+        .collect()
 }
 
 /// When the next message falls due, if any is pending.
@@ -167,10 +234,9 @@ pub async fn next_due(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>> 
     )
 }
 
-/// A 2xx: the message is done (unless a newer view replaced it meanwhile, which stays pending),
-/// and the subscriber is active.
-pub async fn delivered(conn: &mut PgConnection, message: &Message) -> Result<()> {
-    let mut tx = crate::begin(conn).await?;
+/// Drops `message` (unless a newer view replaced it meanwhile): one that can no longer be read
+/// (its account was erased since), or one delivered.
+pub async fn drop_unreadable(conn: &mut PgConnection, message: &Message) -> Result<()> {
     sqlx::query(
         "DELETE FROM subscriber_messages
          WHERE subscriber_id = $1 AND account_id = $2 AND message_id = $3",
@@ -178,8 +244,16 @@ pub async fn delivered(conn: &mut PgConnection, message: &Message) -> Result<()>
     .bind(message.subscriber_id)
     .bind(message.account_id)
     .bind(message.message_id)
-    .execute(&mut *tx)
+    .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// A 2xx: the message is done (unless a newer view replaced it meanwhile, which stays pending),
+/// and the subscriber is active.
+pub async fn delivered(conn: &mut PgConnection, message: &Message) -> Result<()> {
+    let mut tx = crate::begin(conn).await?;
+    drop_unreadable(&mut tx, message).await?;
     sqlx::query(
         "UPDATE subscribers SET state = 'active', failing_since = NULL, last_success_at = now(),
              last_error = NULL

@@ -157,9 +157,19 @@ pub struct TestApp {
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+/// The tests' key-encryption key (DATA_KEYS), fixed so that every process of a test opens what
+/// another sealed. Never a production key.
+pub const DATA_KEY: &str = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM=";
+
+/// A vault with [`DATA_KEY`].
+pub fn vault() -> store::keys::Vault {
+    store::keys::Vault::new(sealing::KeyRing::parse(DATA_KEY).unwrap())
+}
+
 /// Settings for a test app on a fresh database: port 0, the fixture secret, quick polling.
 pub async fn test_settings() -> Settings {
     let mut settings = Settings::new(fresh_database().await);
+    settings.vault = vault();
     settings.listen_addr = "127.0.0.1:0".into();
     settings.webhook_secrets = vec![SECRET.into()];
     // Most tests query /v1 without a token; tests/e2e/security.rs checks it is closed otherwise.
@@ -305,9 +315,12 @@ where
 pub async fn fresh_fold(pool: &PgPool) -> BTreeMap<Uuid, AccountSnapshot> {
     let mut conn = pool.acquire().await.unwrap();
     let mut by_account: BTreeMap<Uuid, AccountSnapshot> = BTreeMap::new();
+    let vault = vault();
     let mut after = 0;
     loop {
-        let page = store::log::read_after(&mut conn, after, 500).await.unwrap();
+        let page = store::log::read_after(&mut conn, &vault, after, 500)
+            .await
+            .unwrap();
         let Some(last) = page.last() else { break };
         after = last.position;
         for stored in page {
@@ -329,10 +342,34 @@ pub async fn fresh_fold(pool: &PgPool) -> BTreeMap<Uuid, AccountSnapshot> {
     by_account
 }
 
+/// Every event of the log as the API reads it (bodies opened with [`DATA_KEY`]), in order.
+pub async fn logged_events(pool: &PgPool) -> Vec<store::log::EventRecord> {
+    use futures_util::TryStreamExt;
+    let mut conn = pool.acquire().await.unwrap();
+    let vault = vault();
+    store::log::page(&mut conn, &vault, None, 0, i64::MAX)
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// The body logged at `position`, opened: the bytes exactly as received.
+pub async fn logged_body(pool: &PgPool, position: i64) -> Vec<u8> {
+    let events = logged_events(pool).await;
+    let event = events
+        .into_iter()
+        .find(|e| e.position == position)
+        .expect("an event at that position");
+    match event.body {
+        store::keys::Opened::Plain(body) => body,
+        other => panic!("the body at {position} cannot be read: {other:?}"),
+    }
+}
+
 /// Every stored snapshot, by account.
 pub async fn stored_snapshots(pool: &PgPool) -> BTreeMap<Uuid, AccountSnapshot> {
     let mut conn = pool.acquire().await.unwrap();
-    store::snapshots::all(&mut conn)
+    store::snapshots::all(&mut conn, &vault())
         .await
         .unwrap()
         .into_iter()
@@ -344,7 +381,7 @@ pub async fn stored_snapshots(pool: &PgPool) -> BTreeMap<Uuid, AccountSnapshot> 
 pub async fn append_direct(pool: &PgPool, body: &[u8]) -> i64 {
     let envelope = domain::Envelope::parse(body).unwrap();
     let delivery = store::log::Delivery::new(body, None, &envelope);
-    store::log::append(pool, &delivery, Duration::from_secs(86_400))
+    store::log::append(pool, &vault(), &delivery, Duration::from_secs(86_400))
         .await
         .unwrap()
         .position
@@ -395,6 +432,7 @@ pub fn spawn_binary(
         .env("ARGYLE_WEBHOOK_SECRETS", SECRET)
         .env("ALLOW_OPEN_API", "true")
         .env("PROJECTOR_POLL_INTERVAL", "100ms")
+        .env("DATA_KEYS", DATA_KEY)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -453,6 +491,7 @@ pub async fn run_binary(
         .args(args)
         .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "warn")
+        .env("DATA_KEYS", DATA_KEY)
         .env_remove("ARGYLE_WEBHOOK_SECRETS");
     for (key, value) in extra_env {
         command.env(key, value);

@@ -31,13 +31,14 @@ pub struct AccountView {
     pub removed_at: Option<DateTime<Utc>>,
 }
 
-/// Whether the account still exists at Argyle.
+/// Whether the account still exists at Argyle, or its personal data was erased.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[schema(as = AccountStatus)]
 pub enum Status {
     Active,
     Removed,
+    Erased,
 }
 
 impl From<AccountStatus> for Status {
@@ -45,6 +46,7 @@ impl From<AccountStatus> for Status {
         match status {
             AccountStatus::Active => Self::Active,
             AccountStatus::Removed => Self::Removed,
+            AccountStatus::Erased => Self::Erased,
         }
     }
 }

@@ -8,6 +8,7 @@ use store::log::ExportFilter;
 use crate::cli::ExportArgs;
 
 pub(crate) async fn run(database_url: &str, args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let vault = args.keys.vault()?;
     let pool = super::batch_pool(database_url).await?;
     let filter = ExportFilter {
         account: args.account,
@@ -16,7 +17,7 @@ pub(crate) async fn run(database_url: &str, args: ExportArgs) -> anyhow::Result<
         until: args.until,
     };
     let secrets = ingest::Secrets::new(&args.secrets.secrets()?);
-    match export::export(&pool, filter, &secrets, tokio::io::stdout()).await {
+    match export::export(&pool, &vault, filter, &secrets, tokio::io::stdout()).await {
         Ok(lines) => tracing::info!(lines, "export done"),
         // The reader went away (`| head`): not an error of ours.
         Err(e)

@@ -1,6 +1,8 @@
 //! One module per subcommand; [`run`] dispatches to them.
 
+mod erase;
 mod export;
+mod keys;
 mod migrate;
 mod rebuild;
 mod reconcile;
@@ -26,6 +28,8 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Webhooks(args) => webhooks::run(args).await,
         Command::Reconcile(args) => reconcile::run(&database_url, args).await,
         Command::Subscribers(args) => subscribers::run(&database_url, args).await,
+        Command::Erase(args) => erase::run(&database_url, args).await,
+        Command::Keys(args) => keys::run(&database_url, args).await,
     }
 }
 

@@ -8,10 +8,11 @@ use projector::rebuild;
 use crate::cli::RebuildArgs;
 
 pub(crate) async fn run(database_url: &str, args: RebuildArgs) -> anyhow::Result<ExitCode> {
+    let vault = args.keys.vault()?;
     let pool = super::batch_pool(database_url).await?;
     if args.verify {
         let progress = progress::for_stderr("verify");
-        let differences = rebuild::verify(&pool, args.account, progress.as_ref()).await?;
+        let differences = rebuild::verify(&pool, &vault, args.account, progress.as_ref()).await?;
         for difference in &differences {
             println!("{} {}", difference.account_id, difference.fields.join(","));
         }
@@ -27,8 +28,11 @@ pub(crate) async fn run(database_url: &str, args: RebuildArgs) -> anyhow::Result
         }
     } else {
         let report = match args.account {
-            Some(account) => rebuild::rebuild_account(&pool, account).await?,
-            None => rebuild::rebuild_all(&pool, progress::for_stderr("rebuild").as_ref()).await?,
+            Some(account) => rebuild::rebuild_account(&pool, &vault, account).await?,
+            None => {
+                rebuild::rebuild_all(&pool, &vault, progress::for_stderr("rebuild").as_ref())
+                    .await?
+            }
         };
         eprintln!(
             "rebuild: folded {} events into {} snapshot(s); checkpoint {}",

@@ -27,6 +27,7 @@ pub(crate) async fn run(database_url: &str, args: ReconcileArgs) -> anyhow::Resu
         );
     };
     let client = api.client()?.with_retry(reconcile::RETRY);
+    let vault = args.keys.vault()?;
     let pool = super::batch_pool(database_url).await?;
     // A session of its own, closed at the end: it holds the reconcile lock while it runs.
     let mut conn = pool.acquire().await.map_err(store::Error::from)?.detach();
@@ -47,7 +48,10 @@ pub(crate) async fn run(database_url: &str, args: ReconcileArgs) -> anyhow::Resu
         started_by: "cli",
     };
     let observer = Printer::new();
-    let report = reconcile::run(&mut conn, &client, &config, request, &observer, &shutdown).await;
+    let report = reconcile::run(
+        &mut conn, &vault, &client, &config, request, &observer, &shutdown,
+    )
+    .await;
     observer.finish();
     let report = report?;
     print_summary(&report, &config);

@@ -68,6 +68,32 @@ pub(crate) async fn run(database_url: &str) -> anyhow::Result<ExitCode> {
             None => "no notifier is running".into(),
         }
     );
+    let keys = store::keys::counts(&mut conn).await?;
+    let live: i64 = keys.live_by_kek.iter().map(|(_, n)| n).sum();
+    let by_kek: Vec<String> = keys
+        .live_by_kek
+        .iter()
+        .map(|(kek, n)| format!("{n} under {kek}"))
+        .collect();
+    println!(
+        "keys:        {live} account key(s){}",
+        if by_kek.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", by_kek.join(", "))
+        }
+    );
+    let (awaiting, oldest) = store::erasure::removed_pending(&mut conn).await?;
+    println!(
+        "erasure:     {} account(s) erased; {awaiting} removed account(s) not erased{}",
+        keys.erased,
+        oldest
+            .map(|t| format!(
+                " (removed since {}; ERASE_REMOVED_AFTER erases them when due)",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ))
+            .unwrap_or_default()
+    );
     let reconciling = store::locks::holder(&mut conn, store::locks::Lock::Reconcile).await?;
     match store::reconcile::latest(&mut conn, false).await? {
         None => println!("reconcile:   never run"),
