@@ -9,9 +9,9 @@ CREATE SEQUENCE bench_unordered.block START 1000000;
 DO $$
 DECLARE
     inner_fn text := pg_get_functiondef(
-        'public.append_to_log(text, text[], uuid[], uuid[], bytea[], text[], interval)'::regprocedure);
+        'public.append_to_log(text, text[], uuid[], uuid[], bytea[], bytea[], text[], interval)'::regprocedure);
     outer_fn text := pg_get_functiondef(
-        'public.append_webhooks(text[], uuid[], uuid[], bytea[], text[], interval)'::regprocedure);
+        'public.append_webhooks(text[], uuid[], uuid[], bytea[], bytea[], text[], interval)'::regprocedure);
 BEGIN
     inner_fn := regexp_replace(
         replace(inner_fn, 'FUNCTION public.append_to_log(', 'FUNCTION bench_unordered.append_to_log('),

@@ -22,8 +22,8 @@ use crate::{Error, Result};
 
 /// How long an unwrapped key stays in memory after it was last read from the database.
 pub const CACHE_TTL: Duration = Duration::from_secs(60);
-/// Keys kept at most; past this, stale ones are dropped, then all.
-const CACHE_MAX: usize = 100_000;
+/// Keys kept at most (about 250 bytes each); past this, stale ones are dropped, then all.
+const CACHE_MAX: usize = 10_000;
 
 /// The key of events that name no account.
 pub const NO_ACCOUNT: Uuid = Uuid::nil();
@@ -214,10 +214,13 @@ impl Vault {
             if missing.is_empty() {
                 break;
             }
+            // Planned at every call (as `snapshots::get_many`): the table grows from nothing, and
+            // a plan cached while it was one page would scan all of it for good.
             let rows: Vec<(Uuid, Option<String>, Option<Vec<u8>>)> = sqlx::query_as(
                 "SELECT account_id, kek_id, wrapped_key FROM account_keys WHERE account_id = ANY($1)",
             )
             .bind(&missing)
+            .persistent(false)
             .fetch_all(&mut *conn)
             .await?;
             for (account, kek_id, wrapped) in rows {

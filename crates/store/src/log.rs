@@ -248,8 +248,16 @@ struct EventRow {
 const EVENT_COLUMNS: &str =
     "e.position, e.received_at, e.event, e.account_id, e.user_id, e.body, e.body_sha256, e.origin";
 
-/// `events e` with the key of its account (the nil account's for events that name none).
-const KEYED: &str = "events e LEFT JOIN account_keys k
+/// `events e` with the key of its account (the nil account's for events that name none), one
+/// index probe per row: what reads of some events want, whatever the planner thinks of the keys
+/// table (a hash join over every key would make each page of a reconcile cost the whole table).
+const KEYED: &str = "events e LEFT JOIN LATERAL (
+         SELECT k.kek_id, k.wrapped_key, k.erased_at FROM account_keys k
+          WHERE k.account_id = coalesce(e.account_id, '00000000-0000-0000-0000-000000000000'::uuid)
+          LIMIT 1) k ON true";
+
+/// [`KEYED`] as a join the planner may choose freely: for reads of the whole log.
+const KEYED_ALL: &str = "events e LEFT JOIN account_keys k
      ON k.account_id = coalesce(e.account_id, '00000000-0000-0000-0000-000000000000'::uuid)";
 
 /// Opens a log body read with its key.
@@ -514,8 +522,9 @@ pub fn export<'c>(
     vault: &'c Vault,
     filter: ExportFilter,
 ) -> BoxStream<'c, Result<EventRecord>> {
-    let mut query =
-        sqlx::QueryBuilder::new(format!("SELECT {RECORD_COLUMNS} FROM {KEYED} WHERE true"));
+    let mut query = sqlx::QueryBuilder::new(format!(
+        "SELECT {RECORD_COLUMNS} FROM {KEYED_ALL} WHERE true"
+    ));
     if let Some(account) = filter.account {
         query.push(" AND e.account_id = ").push_bind(account);
     }
@@ -600,7 +609,7 @@ pub fn account_events_by_account<'c>(
     account: Option<Uuid>,
 ) -> BoxStream<'c, Result<StoredEvent>> {
     let sql = format!(
-        "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS} FROM {KEYED}
+        "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS} FROM {KEYED_ALL}
          WHERE e.position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR e.account_id = $2)
            AND {NOT_REFUSED_BY_STORE}
          ORDER BY e.account_id, e.position"
@@ -621,7 +630,7 @@ pub async fn count_account_events(
     account: Option<Uuid>,
 ) -> Result<i64> {
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM {KEYED}
+        "SELECT count(*) FROM {KEYED_ALL}
          WHERE e.position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR e.account_id = $2)
            AND {NOT_REFUSED_BY_STORE}"
     )))
