@@ -701,7 +701,7 @@ async fn a_log_written_in_plaintext_is_sealed_by_keys_seal_and_only_then_erasabl
     );
 }
 
-/// The account's events as `export` prints them, once more through a server of the test's own.
+/// The account's events as `export` prints them, parsed.
 async fn json_of(database_url: &str, account: &str) -> Vec<Value> {
     let (code, out, err) = run_binary(database_url, &["export", "--account", account], &[]).await;
     assert_eq!(code, 0, "{err}");

@@ -361,16 +361,6 @@ pub async fn erased_at(conn: &mut PgConnection, account: Uuid) -> Result<Option<
     .flatten())
 }
 
-/// Which of `accounts` are erased.
-pub async fn erased_among(conn: &mut PgConnection, accounts: &[Uuid]) -> Result<Vec<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "SELECT account_id FROM account_keys WHERE account_id = ANY($1) AND erased_at IS NOT NULL",
-    )
-    .bind(accounts)
-    .fetch_all(conn)
-    .await?)
-}
-
 /// What [`rotate`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rotated {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::{Envelope, EnvelopeError, LoggedEvent};
+use domain::Envelope;
 use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -215,18 +215,6 @@ impl StoredEvent {
             },
         }
     }
-
-    /// Parses the stored body into the fold's input (`None` when it cannot be read).
-    pub fn to_logged(&self) -> Option<Result<LoggedEvent, EnvelopeError>> {
-        let Opened::Plain(body) = &self.body else {
-            return None;
-        };
-        Some(Envelope::parse_logged(body).map(|envelope| LoggedEvent {
-            position: self.position,
-            received_at: self.received_at,
-            envelope,
-        }))
-    }
 }
 
 /// A row of `events` with its account's key columns, before its body is opened.
@@ -436,46 +424,36 @@ pub struct EventRecord {
     pub signature: Option<String>,
 }
 
+/// A row of `events` as [`page`] and [`export`] read it: the event and its key, how often it was
+/// delivered, and its signature.
 #[derive(sqlx::FromRow)]
 struct RecordRow {
-    position: i64,
-    received_at: DateTime<Utc>,
-    event: String,
-    account_id: Option<Uuid>,
-    user_id: Option<Uuid>,
-    deliveries: i64,
-    body: Vec<u8>,
-    body_sha256: Vec<u8>,
-    signature: Option<String>,
     #[sqlx(flatten)]
-    key: RowKey,
+    event: EventRow,
+    deliveries: i64,
+    signature: Option<String>,
 }
 
 impl RecordRow {
     fn open(self, vault: &Vault) -> Result<EventRecord> {
-        let body = open_body(
-            vault,
-            self.account_id,
-            &self.key,
-            self.body,
-            &self.body_sha256,
-        )?;
+        let body_sha256 = self.event.body_sha256.clone();
+        let event = self.event.open(vault)?;
         Ok(EventRecord {
-            position: self.position,
-            received_at: self.received_at,
-            event: self.event,
-            account_id: self.account_id,
-            user_id: self.user_id,
+            position: event.position,
+            received_at: event.received_at,
+            event: event.event,
+            account_id: event.account_id,
+            user_id: event.user_id,
             deliveries: self.deliveries,
-            body,
-            body_sha256: self.body_sha256,
+            body: event.body,
+            body_sha256,
             signature: self.signature,
         })
     }
 }
 
 const RECORD_COLUMNS: &str = "e.position, e.received_at, e.event, e.account_id, e.user_id, e.body, e.body_sha256, \
-     e.signature, 1 + (SELECT count(*) FROM redeliveries r WHERE r.position = e.position) AS deliveries, \
+     e.origin, e.signature, 1 + (SELECT count(*) FROM redeliveries r WHERE r.position = e.position) AS deliveries, \
      k.kek_id, k.wrapped_key, (k.erased_at IS NOT NULL) AS erased";
 
 /// Up to `limit` events after `after` in log order, of one account or of the whole log, streamed

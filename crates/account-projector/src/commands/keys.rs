@@ -17,7 +17,8 @@ pub(crate) async fn run(database_url: &str, args: KeysArgs) -> anyhow::Result<Ex
     let pool = super::batch_pool(database_url).await?;
     let mut conn = pool.acquire().await.map_err(store::Error::from)?;
     let owner_only = |error: store::Error| -> anyhow::Error {
-        if error.reason().contains("permission denied") {
+        // SQLSTATE 42501: insufficient_privilege, as the service role meets it here.
+        if error.reason().contains("SQLSTATE 42501") {
             anyhow::anyhow!(
                 "this needs the schema's owner (the role `migrate` runs as): {}",
                 error.reason()
