@@ -18,6 +18,7 @@ mod projection;
 mod reconcile;
 mod reliability;
 mod security;
+mod ui;
 
 /// The shared harness (`crates/test-support`), as `crate::helpers`.
 use test_support as helpers;

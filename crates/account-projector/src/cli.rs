@@ -346,6 +346,15 @@ fn max_wait(raw: &str) -> Result<humantime::Duration, String> {
     Ok(wait)
 }
 
+fn session_ttl(raw: &str) -> Result<humantime::Duration, String> {
+    let ttl: humantime::Duration = raw.parse().map_err(|e| format!("{e}"))?;
+    if *ttl < std::time::Duration::from_secs(60) || *ttl > std::time::Duration::from_secs(7 * 86400)
+    {
+        return Err("expected from 1m to 7days".into());
+    }
+    Ok(ttl)
+}
+
 fn heartbeat(raw: &str) -> Result<humantime::Duration, String> {
     let every: humantime::Duration = raw.parse().map_err(|e| format!("{e}"))?;
     if every.is_zero() || *every > std::time::Duration::from_secs(15) {
@@ -594,6 +603,10 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "FEED_MAX_WAIT", default_value_t = defaults().feed.max_wait.into(), value_parser = max_wait)]
     pub(crate) feed_max_wait: humantime::Duration,
 
+    /// A session of the pages under `/ui/` ends this long after sign-in (1m to 7days).
+    #[arg(long, env = "UI_SESSION_TTL", default_value_t = defaults().ui.session_ttl.into(), value_parser = session_ttl)]
+    pub(crate) ui_session_ttl: humantime::Duration,
+
     /// An idle feed stream (`/v1/feed/stream`) gets a comment line this often (at most 15s).
     #[arg(long, env = "FEED_HEARTBEAT", default_value_t = defaults().feed.heartbeat.into(), value_parser = heartbeat)]
     pub(crate) feed_heartbeat: humantime::Duration,
@@ -656,6 +669,7 @@ impl ServeArgs {
         settings.enricher.reconcile.rate = self.reconcile_rate;
         settings.db.max_connections = self.max_connections;
         settings.feed.max_wait = self.feed_max_wait.into();
+        settings.ui.session_ttl = self.ui_session_ttl.into();
         if self.notifier_retry_schedule.is_empty() {
             anyhow::bail!("NOTIFIER_RETRY_SCHEDULE needs at least one delay");
         }

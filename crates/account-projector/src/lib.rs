@@ -113,6 +113,8 @@ pub struct Settings {
     pub enricher: EnricherConfig,
     /// The change feed's long polls and streams.
     pub feed: api::feed::FeedConfig,
+    /// The pages under `/ui/`: how long a session lasts.
+    pub ui: api::ui::UiConfig,
     /// Outbound webhooks: the retry schedule and the pace.
     pub notifier: notifier::NotifierConfig,
     pub db: DbOptions,
@@ -146,6 +148,7 @@ impl std::fmt::Debug for Settings {
             .field("argyle", &self.argyle)
             .field("enricher", &self.enricher)
             .field("feed", &self.feed)
+            .field("ui", &self.ui)
             .field("notifier", &self.notifier)
             .field("db", &self.db)
             .field("vault", &self.vault)
@@ -205,6 +208,7 @@ impl Settings {
             argyle: None,
             enricher: EnricherConfig::default(),
             feed: api::feed::FeedConfig::default(),
+            ui: api::ui::UiConfig::default(),
             notifier: notifier::NotifierConfig::default(),
             db: DbOptions::default(),
             vault: store::keys::Vault::plaintext(),
@@ -535,6 +539,7 @@ fn router_for_role(
             checkpoint,
             feed: settings.feed,
             streams,
+            ui: settings.ui,
         }));
     }
     (

@@ -6,6 +6,8 @@
 //! - [`reader`]: current-snapshot lookups that arrive together share one read.
 //! - [`feed`]: following the projection: the compacted change feed (long poll and SSE), and
 //!   read-your-writes (`?min_position=`), woken by the projector's commits.
+//! - [`ui`]: `/ui/`, pages a person reads (search, an account's timeline with field-level diffs,
+//!   the view as of any event, health), behind the same tokens through a session cookie.
 //! - `history`: the audit routes: an account's events, the global log, field-level changes, and
 //!   time travel (`?as_of=` / `?at_position=`), all replayed with the same [`domain::step`].
 
@@ -15,6 +17,7 @@ pub mod feed;
 mod history;
 pub mod openapi;
 pub mod reader;
+pub mod ui;
 /// The account view, shared with the notifier's deliveries ([`web::view`]).
 pub use web::view;
 
@@ -50,9 +53,11 @@ pub struct ApiState {
     pub feed: feed::FeedConfig,
     /// Fires at shutdown: open feed streams end.
     pub streams: tokio_util::sync::CancellationToken,
+    /// The pages' sessions.
+    pub ui: ui::UiConfig,
 }
 
-/// `/v1` query routes.
+/// `/v1` query routes, and the pages under `/ui/` ([`ui`]).
 pub fn router(state: ApiState) -> Router {
     // Shared behind one pointer: every extractor and middleware takes its own copy per request.
     let state = Arc::new(state);
@@ -79,7 +84,8 @@ pub fn router(state: ApiState) -> Router {
             Arc::clone(&state),
             require_token,
         ))
-        .with_state(state)
+        .with_state(Arc::clone(&state))
+        .merge(ui::router(state))
 }
 
 async fn require_token(

@@ -10,6 +10,7 @@
 //! - [`quarantine`]: events the fold or the store refused; [`enrichment`]: the enricher's queue.
 //! - [`keys`]: account keys and the [`keys::Vault`] that seals every copy of personal data at
 //!   rest; [`erasure`]: destroying an account's key, and sealing a log written before encryption.
+//! - [`sessions`]: sessions of the web pages, stored as digests only.
 //! - [`kept`]: connections kept between short requests, without the pool's ping on every return.
 //! - [`begin`], [`begin_consistent_read`], [`begin_shared_read`]: transactions by name, so no
 //!   other crate needs sqlx.
@@ -46,6 +47,7 @@ pub mod log;
 pub mod migrate;
 pub mod quarantine;
 pub mod reconcile;
+pub mod sessions;
 pub mod snapshots;
 pub mod subscribers;
 

@@ -126,14 +126,35 @@ pub async fn page(
     after: i64,
     limit: i64,
 ) -> Result<Vec<Quarantined>> {
+    select(conn, vault, None, after, limit).await
+}
+
+/// Every quarantined event of one account, in log order.
+pub async fn of_account(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    account: Uuid,
+) -> Result<Vec<Quarantined>> {
+    select(conn, vault, Some(account), 0, i64::MAX).await
+}
+
+async fn select(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    account: Option<Uuid>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Quarantined>> {
     let rows: Vec<QuarantineRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT q.position, q.account_id, q.event, q.error, q.refused_by, q.quarantined_at, {KEY_COLUMNS}
            FROM quarantine q LEFT JOIN account_keys k
              ON k.account_id = coalesce(q.account_id, '00000000-0000-0000-0000-000000000000'::uuid)
-          WHERE q.position > $1 ORDER BY q.position LIMIT $2"
+          WHERE q.position > $1 AND ($3::uuid IS NULL OR q.account_id = $3)
+          ORDER BY q.position LIMIT $2"
     )))
     .bind(after)
     .bind(limit)
+    .bind(account)
     .fetch_all(conn)
     .await?;
     rows.into_iter()
