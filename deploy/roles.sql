@@ -24,7 +24,8 @@
 --                             DELETE account_snapshots; SELECT, UPDATE projector_checkpoints;
 --                             INSERT quarantine; advisory locks (leader), LISTEN
 --   serve --role api          SELECT events, redeliveries, account_snapshots, quarantine,
---                             projector_checkpoints
+--                             projector_checkpoints; SELECT, INSERT, DELETE ui_sessions (the
+--                             pages' sessions, V17)
 --   serve --role enricher     SELECT events; SELECT, INSERT, UPDATE enrichment_requests;
 --                             UPDATE projector_checkpoints; EXECUTE append_fetched
 --   rebuild [--verify]        SELECT, INSERT, UPDATE, DELETE account_snapshots(_rebuild);
