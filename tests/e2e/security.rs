@@ -475,6 +475,38 @@ async fn every_role_and_command_runs_as_the_service_role_which_cannot_write_the_
         .await
         .unwrap();
     assert!(!superuser);
+    // The pages' sessions: opened, found and closed as the service; never extended in place.
+    let mut conn = service.acquire().await.unwrap();
+    let expires = store::sessions::open(
+        &mut conn,
+        b"a-session-id",
+        TOKEN.as_bytes(),
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let found = store::sessions::find(&mut conn, b"a-session-id")
+        .await
+        .unwrap();
+    assert_eq!(found.map(|s| s.expires_at), Some(expires));
+    assert_eq!(
+        sqlstate(
+            &service,
+            "UPDATE ui_sessions SET expires_at = expires_at + interval '1 day'"
+        )
+        .await,
+        "42501"
+    );
+    store::sessions::close(&mut conn, b"a-session-id")
+        .await
+        .unwrap();
+    assert!(
+        store::sessions::find(&mut conn, b"a-session-id")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    drop(conn);
     service.close().await;
 
     // Pending migrations the service cannot apply: `serve` says so in one sentence.

@@ -467,6 +467,88 @@ async fn the_pages_show_the_fixture_account_its_changes_and_its_view_as_of_an_ev
 }
 
 #[tokio::test]
+async fn quarantined_and_erased_events_are_shown_as_such() {
+    let app = spawn_app().await;
+    let (account, user) = (Uuid::new_v4(), Uuid::new_v4());
+    app.deliver(&refinement(account, user, 1)).await;
+    let mut poison: serde_json::Value =
+        serde_json::from_slice(&refinement(account, user, 2)).unwrap();
+    poison["data"]["resource"] = "surprise".into();
+    let (poisoned, _) = app.deliver(&serde_json::to_vec(&poison).unwrap()).await;
+    app.deliver(&refinement(account, user, 3)).await;
+    app.wait_for_projection().await;
+    poll_until("the poison event is quarantined", || async {
+        let mut conn = app.pool.acquire().await.unwrap();
+        !store::quarantine::of_account(&mut conn, &vault(), account)
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let page = get_page(&app, &format!("/ui/accounts/{account}"), None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let entry = |page: &str, position: i64| {
+        let start = page
+            .find(&format!(r#"id="event-{position}""#))
+            .unwrap_or_else(|| panic!("no event {position} in {page}"));
+        page[start..start + page[start..].find("</li>").unwrap()].to_owned()
+    };
+    let listed = |page: &str| page.matches(r#"<li class="entry"#).count();
+    assert_eq!(listed(&page), 3, "every event once");
+    let quarantined = entry(&page, poisoned);
+    assert!(quarantined.contains("badge-quarantined"), "{quarantined}");
+    assert!(quarantined.contains("Not folded:"), "{quarantined}");
+    let health = get_page(&app, "/ui/health", None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        health.contains(r#"<p id="quarantined">1 event(s) quarantined"#),
+        "{health}"
+    );
+    assert!(health.contains(&format!("/ui/accounts/{account}#event-{poisoned}")));
+
+    let (code, _, err) = run_binary(
+        &app.database_url,
+        &[
+            "erase",
+            "--account",
+            &account.to_string(),
+            "--reason",
+            "ticket-7",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    app.wait_for_projection().await;
+    let page = get_page(&app, &format!("/ui/accounts/{account}"), None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"id="status">erased<"#), "{page}");
+    assert_eq!(listed(&page), 4, "every event once, the erasure too");
+    assert!(entry(&page, 1).contains("badge-erased"));
+    assert!(entry(&page, poisoned).contains("(the reason was erased with the account)"));
+    assert!(
+        !page.contains("\"step\""),
+        "nothing of the erased resource is shown"
+    );
+    let raw = get_page(&app, &format!("/ui/accounts/{account}/events/1"), None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(raw.contains("this payload is gone for good"), "{raw}");
+    assert!(!raw.contains(r#"class="payload""#));
+}
+
+#[tokio::test]
 async fn errors_are_pages_a_person_reads() {
     let app = spawn_app().await;
     let unknown = Uuid::new_v4();

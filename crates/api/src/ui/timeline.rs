@@ -59,7 +59,8 @@ pub(crate) struct Timeline {
 struct Folded {
     position: i64,
     event: String,
-    received_at: DateTime<Utc>,
+    /// `None` for an event the fold skipped: read with the deliveries.
+    received_at: Option<DateTime<Utc>>,
     outcome: Outcome,
     before: Option<AccountSnapshot>,
     after: Option<AccountSnapshot>,
@@ -73,19 +74,36 @@ pub(crate) async fn page(
     account: Uuid,
     before: Option<i64>,
 ) -> Result<Timeline, store::Error> {
-    let quarantined: HashMap<i64, Option<String>> =
-        store::quarantine::of_account(conn, vault, account)
-            .await?
-            .into_iter()
-            .map(|q| (q.position, q.error))
-            .collect();
-    let mut kept: VecDeque<Folded> = VecDeque::with_capacity(PAGE + 1);
-    let (mut total, mut dropped, mut newer) = (0, false, false);
+    let refusals = store::quarantine::of_account(conn, vault, account).await?;
+    let quarantined: HashMap<i64, Option<String>> = refusals
+        .iter()
+        .map(|q| (q.position, q.error.clone()))
+        .collect();
+    // Folds skip events the store refused, and every refused event once the account is erased;
+    // the timeline lists them too, in their place, as quarantined.
+    let mut skipped: Vec<(i64, String)> = refusals
+        .into_iter()
+        .rev()
+        .map(|q| (q.position, q.event))
+        .collect();
+    let mut window = Window {
+        before,
+        kept: VecDeque::with_capacity(PAGE + 1),
+        total: 0,
+        dropped: false,
+        newer: false,
+    };
     {
         let mut events = store::log::account_history(conn, vault, account, Until::END);
         let mut snapshot: Option<AccountSnapshot> = None;
         while let Some(stored) = events.try_next().await? {
-            total += 1;
+            window.refused_before(stored.position, &mut skipped, &quarantined, &snapshot);
+            if skipped
+                .last()
+                .is_some_and(|(refused, _)| *refused == stored.position)
+            {
+                skipped.pop(); // refused by the fold, which reads it: listed below
+            }
             let previous = snapshot.clone();
             let outcome = match domain::step(snapshot.clone(), stored.raw()) {
                 Ok(next) => {
@@ -105,39 +123,45 @@ pub(crate) async fn page(
                     (_, None) => Outcome::Quarantined(Some(error.to_string())),
                 },
             };
-            if before.is_some_and(|b| stored.position >= b) {
-                newer = true;
-                continue;
-            }
-            kept.push_back(Folded {
+            window.keep(Folded {
                 position: stored.position,
                 event: stored.event.clone(),
-                received_at: stored.received_at,
+                received_at: Some(stored.received_at),
                 outcome,
                 before: previous,
                 after: snapshot.clone(),
             });
-            if kept.len() > PAGE {
-                kept.pop_front();
-                dropped = true;
-            }
         }
+        window.refused_before(i64::MAX, &mut skipped, &quarantined, &snapshot);
     }
-    let deliveries = deliveries(conn, vault, account, &kept).await?;
+    let Window {
+        kept,
+        total,
+        dropped,
+        newer,
+        ..
+    } = window;
+    let logged = logged(conn, vault, account, &kept).await?;
     let older = dropped.then(|| kept.front().map(|f| f.position)).flatten();
     let entries = kept
         .into_iter()
         .rev()
-        .map(|f| Entry {
-            changes: match f.outcome {
-                Outcome::Changed => changes(f.before.as_ref(), f.after.as_ref()),
-                _ => vec![],
-            },
-            deliveries: deliveries.get(&f.position).copied().unwrap_or(1),
-            position: f.position,
-            event: f.event,
-            received_at: f.received_at,
-            outcome: f.outcome,
+        .map(|f| {
+            let (deliveries, received_at) = logged
+                .get(&f.position)
+                .copied()
+                .unwrap_or((1, f.received_at.unwrap_or_default()));
+            Entry {
+                changes: match f.outcome {
+                    Outcome::Changed => changes(f.before.as_ref(), f.after.as_ref()),
+                    _ => vec![],
+                },
+                deliveries,
+                received_at,
+                position: f.position,
+                event: f.event,
+                outcome: f.outcome,
+            }
         })
         .collect();
     Ok(Timeline {
@@ -146,6 +170,58 @@ pub(crate) async fn page(
         older,
         newer,
     })
+}
+
+/// The page being gathered: the newest [`PAGE`] events before `before`.
+struct Window {
+    before: Option<i64>,
+    kept: VecDeque<Folded>,
+    total: usize,
+    /// Older events than the kept ones exist.
+    dropped: bool,
+    /// Newer events than `before` exist.
+    newer: bool,
+}
+
+impl Window {
+    fn keep(&mut self, folded: Folded) {
+        self.total += 1;
+        if self.before.is_some_and(|b| folded.position >= b) {
+            self.newer = true;
+            return;
+        }
+        self.kept.push_back(folded);
+        if self.kept.len() > PAGE {
+            self.kept.pop_front();
+            self.dropped = true;
+        }
+    }
+
+    /// Keeps the refused events the fold skipped (`skipped`, last is lowest) below `position`.
+    fn refused_before(
+        &mut self,
+        position: i64,
+        skipped: &mut Vec<(i64, String)>,
+        quarantined: &HashMap<i64, Option<String>>,
+        snapshot: &Option<AccountSnapshot>,
+    ) {
+        while skipped
+            .last()
+            .is_some_and(|(refused, _)| *refused < position)
+        {
+            let Some((refused, event)) = skipped.pop() else {
+                break;
+            };
+            self.keep(Folded {
+                position: refused,
+                event,
+                received_at: None,
+                outcome: Outcome::Quarantined(quarantined.get(&refused).cloned().flatten()),
+                before: snapshot.clone(),
+                after: snapshot.clone(),
+            });
+        }
+    }
 }
 
 /// Whether a person would see a difference: the status, the connection status or the resource.
@@ -184,15 +260,14 @@ fn changes(before: Option<&AccountSnapshot>, after: Option<&AccountSnapshot>) ->
     changes
 }
 
-/// How many times each kept event was delivered: the log's page from the first kept position
-/// (the kept events are consecutive events of the account; the slack covers events the store
-/// refused, which the fold skips).
-async fn deliveries(
+/// How many times each kept event was delivered, and when it was received: the log's page of
+/// the account from the first kept position (the kept events are consecutive in it).
+async fn logged(
     conn: &mut PgConnection,
     vault: &Vault,
     account: Uuid,
     kept: &VecDeque<Folded>,
-) -> Result<HashMap<i64, i64>, store::Error> {
+) -> Result<HashMap<i64, (i64, DateTime<Utc>)>, store::Error> {
     let Some(first) = kept.front() else {
         return Ok(HashMap::new());
     };
@@ -202,10 +277,10 @@ async fn deliveries(
         vault,
         Some(account),
         first.position - 1,
-        kept.len() as i64 + 16,
+        kept.len() as i64,
     );
     while let Some(record) = rows.try_next().await? {
-        counts.insert(record.position, record.deliveries);
+        counts.insert(record.position, (record.deliveries, record.received_at));
     }
     Ok(counts)
 }
