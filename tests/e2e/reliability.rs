@@ -16,12 +16,7 @@ use crate::helpers::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_the_database_goes_away_ingest_answers_503_recovers_and_loses_nothing_acknowledged() {
     let proxy = DbProxy::start().await;
-    let direct = migrated_database().await;
-    let mut settings = test_settings().await;
-    settings.database_url = proxy.url(&direct);
-    settings.migrate = false;
-    settings.db.acquire_timeout = Duration::from_millis(500);
-    settings.database_timeout = Duration::from_millis(1000);
+    let (settings, direct) = proxy.settings().await;
     let app = Arc::new(spawn_app_with(settings).await);
     let pool = sqlx::PgPool::connect(&direct).await.unwrap();
 

@@ -609,12 +609,7 @@ async fn errors_are_pages_a_person_reads() {
 #[tokio::test]
 async fn a_page_says_so_when_the_database_is_down() {
     let proxy = DbProxy::start().await;
-    let direct = migrated_database().await;
-    let mut settings = test_settings().await;
-    settings.database_url = proxy.url(&direct);
-    settings.migrate = false;
-    settings.db.acquire_timeout = Duration::from_millis(500);
-    settings.database_timeout = Duration::from_millis(1000);
+    let (settings, _) = proxy.settings().await;
     let app = spawn_app_with(settings).await;
     assert_eq!(get_page(&app, "/ui/health", None).await.status(), 200);
     proxy.set(ProxyState::Down);

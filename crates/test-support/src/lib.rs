@@ -520,6 +520,18 @@ pub enum ProxyState {
 }
 
 impl DbProxy {
+    /// Test settings whose app reaches a migrated database of its own through this proxy, with
+    /// short timeouts so an outage shows within a second; also returns the direct URL.
+    pub async fn settings(&self) -> (Settings, String) {
+        let direct = migrated_database().await;
+        let mut settings = test_settings().await;
+        settings.database_url = self.url(&direct);
+        settings.migrate = false;
+        settings.db.acquire_timeout = Duration::from_millis(500);
+        settings.database_timeout = Duration::from_millis(1000);
+        (settings, direct)
+    }
+
     pub async fn start() -> Self {
         let upstream = {
             let url = server_url();

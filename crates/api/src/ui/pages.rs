@@ -283,10 +283,13 @@ pub(crate) async fn home(
     }
     let mut conn = state.db.acquire().await.map_err(crate::Problem::from)?;
     let of_user = store::snapshots::of_user(&mut conn, &state.vault, id).await?;
-    let logged = timeline::page(&mut conn, &state.vault, id, Some(1))
-        .await?
-        .total
-        > 0;
+    let logged = {
+        use futures_util::TryStreamExt;
+        store::log::page(&mut conn, &state.vault, Some(id), 0, 1)
+            .try_next()
+            .await?
+            .is_some()
+    };
     conn.release();
     if !of_user.is_empty() {
         return Ok(Redirect::to(&format!("/ui/users/{id}")).into_response());
