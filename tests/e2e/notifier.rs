@@ -196,6 +196,17 @@ async fn every_account_arrives_signed_in_order_and_a_burst_collapses_while_the_r
         receiver.received().len() >= 20
     })
     .await;
+    // Every change is enqueued (and so collapsed) before the receiver recovers: otherwise an
+    // older view still pending could be accepted before the scan reaches its newer one.
+    let head = head(&app.pool).await;
+    poll_until("the notifier has scanned every change", || async {
+        let scanned: i64 = sqlx::query_scalar("SELECT min(scanned_to) FROM subscribers")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        scanned >= head
+    })
+    .await;
     receiver.answer(Answer::Status(200));
     let mut expected = BTreeMap::new();
     for account in stored_snapshots(&app.pool).await.keys() {
