@@ -313,6 +313,13 @@ async fn sign_in_and_sign_out_refuse_forms_from_elsewhere_and_sign_out_ends_the_
             .unwrap()
             .ends_with("notice=expired")
     );
+    // A form posted without a live session returns to the start page after sign-in, not to a
+    // form that cannot be replayed as a GET.
+    let again = sign_out("00".repeat(32), "same-origin").await;
+    assert_eq!(
+        again.headers()[LOCATION],
+        "/ui/sign-in?next=%2Fui%2F&notice=expired"
+    );
 }
 
 #[tokio::test]
@@ -410,6 +417,14 @@ async fn the_pages_show_the_fixture_account_its_changes_and_its_view_as_of_an_ev
     };
     let connected = entry(2);
     assert!(connected.contains("badge-changed"));
+    assert!(connected.contains(
+        r#"<th scope="row" class="field">connection status</th>
+            <td class="old">connecting</td>"#
+    ));
+    assert!(connected.contains(
+        r#"<th scope="row" class="field">connection status</th>
+            <td class="old">connecting</td>"#
+    ));
     assert!(
         connected.contains(
             r#"<th scope="row" class="field">connection.status</th>
@@ -609,27 +624,43 @@ async fn errors_are_pages_a_person_reads() {
 #[tokio::test]
 async fn a_page_says_so_when_the_database_is_down() {
     let proxy = DbProxy::start().await;
-    let (settings, _) = proxy.settings().await;
+    let (mut settings, _) = proxy.settings().await;
+    settings.allow_open_api = false;
+    settings.api_tokens = vec![TOKEN.into()];
     let app = spawn_app_with(settings).await;
-    assert_eq!(get_page(&app, "/ui/health", None).await.status(), 200);
-    proxy.set(ProxyState::Down);
-    let response = poll_for("the health page to notice the outage", || async {
-        let response = get_page(&app, "/ui/health", None).await;
-        (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(response)
-    })
-    .await;
-    assert!(is_html(&response));
-    assert_eq!(response.headers()["retry-after"], "5");
-    assert!(
-        response
-            .text()
-            .await
-            .unwrap()
-            .contains("The database is not answering")
+    let session = sign_in(&app).await;
+    assert_eq!(
+        get_page(&app, "/ui/health", Some(&session)).await.status(),
+        200
     );
+    let (cookie, csrf) = sign_in_form(&app).await;
+    // Down (connections refused), then a network that hangs: the session check, the page and
+    // sign-in each answer a page that says so, within the deadline.
+    for state in [ProxyState::Down, ProxyState::BlackHole] {
+        proxy.set(state);
+        let response = poll_for("the health page to notice the outage", || async {
+            let response = get_page(&app, "/ui/health", Some(&session)).await;
+            (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(response)
+        })
+        .await;
+        assert!(is_html(&response), "{state:?}");
+        assert_eq!(response.headers()["retry-after"], "5");
+        let page = response.text().await.unwrap();
+        assert!(page.contains("The database is not answering"), "{page}");
+        let started = std::time::Instant::now();
+        let signing_in =
+            post_sign_in(&app, &cookie, &[("token", TOKEN), ("csrf", &csrf)], &[]).await;
+        assert_eq!(
+            signing_in.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{state:?}"
+        );
+        assert!(is_html(&signing_in));
+        assert!(started.elapsed() < Duration::from_secs(5), "{state:?}");
+    }
     proxy.set(ProxyState::Forwarding);
     poll_until("the page recovers", || async {
-        get_page(&app, "/ui/health", None).await.status() == 200
+        get_page(&app, "/ui/health", Some(&session)).await.status() == 200
     })
     .await;
 }

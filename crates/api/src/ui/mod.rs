@@ -83,10 +83,6 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/ui/{*rest}", get(pages::not_found))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
-            page_deadline,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
             require_session,
         ));
     Router::new()
@@ -95,6 +91,11 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/ui/assets/ui.css", get(stylesheet))
         .route("/ui/assets/icon.svg", get(icon))
         .merge(pages)
+        // Outside the session check and around sign-in too: a hung database is a page that says so.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            page_deadline,
+        ))
         .layer(DefaultBodyLimit::max(FORM_BYTES))
         .layer(middleware::from_fn(security_headers))
         .with_state(state)
@@ -166,13 +167,17 @@ async fn session_is_live(state: &ApiState, id: &str) -> Result<bool, UiError> {
     }))
 }
 
-/// A redirect to the sign-in page that comes back here after it.
+/// A redirect to the sign-in page that comes back here after it (to the start page after a
+/// form, which cannot be replayed as a GET).
 fn to_sign_in(request: &Request, notice: Option<&str>) -> Response {
-    let here = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/ui/");
+    let here = match *request.method() {
+        axum::http::Method::GET => request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/ui/"),
+        _ => "/ui/",
+    };
     let mut query = vec![("next", here)];
     if let Some(notice) = notice {
         query.push(("notice", notice));

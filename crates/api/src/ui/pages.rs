@@ -12,6 +12,7 @@ use domain::{AccountSnapshot, AccountStatus};
 use serde::Deserialize;
 use store::keys::Opened;
 use store::log::Until;
+use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::timeline::{self, Outcome};
@@ -182,8 +183,14 @@ pub(crate) async fn sign_in(
             Some("This sign-in form had expired or did not come from this service. Try again."),
         ));
     }
-    let presented = form.token.trim();
-    let Some(token) = state.tokens.iter().find(|t| same_secret(t, presented)) else {
+    // Digests of equal length, every token compared, so timing tells neither which token
+    // matched nor how long any is (as `/v1`'s bearer check).
+    let presented = store::sessions::token_digest(form.token.as_bytes());
+    let matched = state.tokens.iter().fold(None, |found, token| {
+        let equal = bool::from(store::sessions::token_digest(token.as_bytes()).ct_eq(&presented));
+        found.or(equal.then_some(token))
+    });
+    let Some(token) = matched.filter(|_| !form.token.is_empty()) else {
         tracing::info!("a sign-in to the pages was refused: the token is not accepted");
         return Ok(sign_in_page(
             &headers,

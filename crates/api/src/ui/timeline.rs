@@ -67,8 +67,22 @@ struct Folded {
 }
 
 /// The page of `account`'s timeline that ends just before position `before` (the newest page
-/// when `None`). Events are folded from the account's first, holding the page only.
+/// when `None`). Events are folded from the account's first, holding the page only. The
+/// quarantine, the history and the deliveries are read in one snapshot, so an event recorded
+/// between two of the reads can be neither lost nor half shown.
 pub(crate) async fn page(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    account: Uuid,
+    before: Option<i64>,
+) -> Result<Timeline, store::Error> {
+    let mut tx = store::begin_consistent_read(conn).await?;
+    let timeline = read(&mut tx, vault, account, before).await?;
+    tx.commit().await?;
+    Ok(timeline)
+}
+
+async fn read(
     conn: &mut PgConnection,
     vault: &Vault,
     account: Uuid,
@@ -234,7 +248,8 @@ fn visible_change(before: Option<&AccountSnapshot>, after: Option<&AccountSnapsh
         )
 }
 
-/// The status first (it is not in the resource), then every field of the resource.
+/// The status and the connection status first (they are the snapshot's own), then every field
+/// of the resource.
 fn changes(before: Option<&AccountSnapshot>, after: Option<&AccountSnapshot>) -> Vec<FieldChange> {
     let status = |s: Option<&AccountSnapshot>| {
         s.map(|s| match s.status {
@@ -249,6 +264,15 @@ fn changes(before: Option<&AccountSnapshot>, after: Option<&AccountSnapshot>) ->
             field: "status".into(),
             old: status(before).map(Into::into),
             new: status(after).map(Into::into),
+        });
+    }
+    let connection = |s: Option<&AccountSnapshot>| s.and_then(|s| s.connection_status.clone());
+    if connection(before) != connection(after) {
+        // Also set by an event without a resource (`accounts.connected`, `accounts.failed`).
+        changes.push(FieldChange {
+            field: "connection status".into(),
+            old: connection(before),
+            new: connection(after),
         });
     }
     let resource =
