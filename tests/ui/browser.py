@@ -36,6 +36,7 @@ import uuid
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -169,6 +170,13 @@ class Browser:
     def all(self, css):
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
+    def text(self, css):
+        """The element's text, or "" while the page it was on is being replaced."""
+        try:
+            return self.find(css).text
+        except (NoSuchElementException, StaleElementReferenceException):
+            return ""
+
     def path(self):
         return self.driver.execute_script("return location.pathname + location.search")
 
@@ -248,7 +256,8 @@ def run(service, browser):
     b.examine("sign-in")
     b.find("#token").send_keys("not-the-token-0123456789")
     b.find("form button[type=submit]").click()
-    check("That token is not accepted here." in b.find("main").text, "a wrong token is refused")
+    # The answer is the sign-in page again (same address): wait for its message, not the address.
+    poll("a wrong token to be refused", lambda: "That token is not accepted here." in b.text("main .problem"))
     b.find("#token").send_keys(TOKEN)
     b.find("main form button[type=submit]").click()
     poll("the start page", lambda: b.path() == "/ui/")
