@@ -12,6 +12,7 @@ use crate::helpers::*;
 async fn concurrent_appends_while_projecting_are_each_folded_exactly_once() {
     let mut settings = test_settings().await;
     settings.projector.batch_size = 7; // many small batches interleaved with the appends
+    settings.commit_lanes = 4; // appends that overlap
     let app = Arc::new(spawn_app_with(settings).await);
     let accounts: Vec<(Uuid, Uuid)> = (0..6).map(|_| (Uuid::new_v4(), Uuid::new_v4())).collect();
     let (appenders, per_appender) = (12u32, 40u32);
@@ -151,42 +152,142 @@ async fn one_append_call_numbers_new_bodies_densely_and_points_repeats_at_their_
     assert_eq!(times, 1);
 }
 
+/// Appends in their own transactions, left open for the test to end: `(transaction, position)`.
+async fn open_append(
+    pool: &sqlx::PgPool,
+    body: &[u8],
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, i64) {
+    let envelope = domain::Envelope::parse(body).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let delivery = store::log::Delivery::new(body, None, &envelope);
+    let appended = store::log::append_in(
+        &mut tx,
+        &test_support::vault(),
+        &[delivery],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    (tx, appended[0].position)
+}
+
+async fn read_all(conn: &mut sqlx::PgConnection) -> Vec<i64> {
+    let horizon = store::log::horizon(conn).await.unwrap();
+    store::log::read_after(conn, &test_support::vault(), 0, horizon, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect()
+}
+
 #[tokio::test]
-async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
+async fn a_later_position_committed_first_is_not_read_before_the_earlier_one_settles() {
     let database_url = migrated_database().await;
     let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
     let (a, b) = (
         refinement(Uuid::new_v4(), Uuid::new_v4(), 1),
         refinement(Uuid::new_v4(), Uuid::new_v4(), 2),
     );
-    let (ea, eb) = (
-        domain::Envelope::parse(&a).unwrap(),
-        domain::Envelope::parse(&b).unwrap(),
-    );
-    let window = Duration::from_secs(60);
+    // Transaction one takes position 1 and does not commit yet; a second append overlaps it and
+    // commits position 2 (it no longer waits for the first).
+    let (first, one) = open_append(&pool, &a).await;
+    assert_eq!(one, 1);
+    let envelope = domain::Envelope::parse(&b).unwrap();
+    let delivery = store::log::Delivery::new(&b, None, &envelope);
+    let two = tokio::time::timeout(
+        Duration::from_secs(5),
+        store::log::append(
+            &pool,
+            &test_support::vault(),
+            &delivery,
+            Duration::from_secs(60),
+        ),
+    )
+    .await
+    .expect("the second append overlaps the first")
+    .unwrap();
+    assert_eq!(two.position, 2);
+    // Position 2 is committed and visible, but a reader stops at the horizon, before 1.
+    let mut reader = pool.acquire().await.unwrap();
+    assert_eq!(store::log::head(&mut reader).await.unwrap(), 2);
+    assert_eq!(store::log::horizon(&mut reader).await.unwrap(), 0);
+    assert_eq!(read_all(&mut reader).await, Vec::<i64>::new());
+    first.commit().await.unwrap();
+    assert_eq!(read_all(&mut reader).await, [1, 2]);
+}
 
-    // Transaction one appends position 1 and does not commit yet.
-    let mut first = pool.begin().await.unwrap();
-    let delivery = store::log::Delivery::new(&a, None, &ea);
-    let appended = store::log::append_in(&mut first, &test_support::vault(), &[delivery], window)
-        .await
-        .unwrap();
-    assert_eq!(appended[0].position, 1);
+/// The adversarial case: a long-running append, an aborted one, one whose connection dies, and
+/// a redelivery racing its original, all among appends that commit. The projector runs through
+/// it all; it never folds past the long-running append, every position ends accounted for
+/// exactly once, and the snapshots equal a fresh fold of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_running_aborted_and_killed_appends_never_make_a_reader_skip_an_event() {
+    let database_url = migrated_database().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let vault = test_support::vault();
+    let (account, user) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut projector = pool.acquire().await.unwrap();
+    let mut fold = async || {
+        projector::run_batch(&mut projector, &vault, 100)
+            .await
+            .unwrap()
+    };
 
-    // A second append starts meanwhile.
-    let second = tokio::spawn({
+    // The account's first event commits (and its key with it: appends in one transaction with
+    // a key they create would wait for each other on that key).
+    let (first, first_position) = open_append(&pool, &refinement(account, user, 0)).await;
+    first.commit().await.unwrap();
+    let (long, long_position) = open_append(&pool, &refinement(account, user, 1)).await;
+    let mut committed = vec![first_position, long_position];
+    let mut abandoned = vec![];
+    for round in 0..5u32 {
+        // One that commits, one that aborts, one whose connection is killed mid-transaction.
+        let (tx, position) = open_append(&pool, &refinement(account, user, 10 + round)).await;
+        tx.commit().await.unwrap();
+        committed.push(position);
+        let (tx, position) = open_append(&pool, &refinement(account, user, 100 + round)).await;
+        tx.rollback().await.unwrap();
+        abandoned.push(position);
+        let (mut tx, position) = open_append(&pool, &refinement(account, user, 200 + round)).await;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+            .bind(pid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(killed);
+        drop(tx);
+        abandoned.push(position);
+        // The projector runs meanwhile: it folds nothing past the long-running append.
+        let outcome = fold().await;
+        assert_eq!(
+            (outcome.events, outcome.checkpoint, outcome.horizon),
+            (usize::from(round == 0), first_position, first_position),
+            "round {round}"
+        );
+    }
+    // A redelivery of the long-running append's body waits for it, then is the same event.
+    let redelivery = tokio::spawn({
         let pool = pool.clone();
+        let body = refinement(account, user, 1);
         async move {
-            let delivery = store::log::Delivery::new(&b, None, &eb);
-            store::log::append(&pool, &test_support::vault(), &delivery, window)
-                .await
-                .unwrap()
-                .position
+            let envelope = domain::Envelope::parse(&body).unwrap();
+            let delivery = store::log::Delivery::new(&body, None, &envelope);
+            store::log::append(
+                &pool,
+                &test_support::vault(),
+                &delivery,
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap()
         }
     });
-    // Wait until the second append is observably blocked on the append lock, then look: a reader
-    // sees nothing, not position 2 ahead of the uncommitted 1.
-    poll_until("the second append waits for the append lock", || async {
+    poll_until("the redelivery waits for its original", || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
               WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
@@ -197,26 +298,44 @@ async fn a_later_position_is_never_visible_before_an_earlier_one_commits() {
         waiting == 1
     })
     .await;
-    let mut reader = pool.acquire().await.unwrap();
-    assert!(
-        store::log::read_after(&mut reader, &test_support::vault(), 0, 10)
+    assert!(!redelivery.is_finished());
+    long.commit().await.unwrap();
+    let redelivered = redelivery.await.unwrap();
+    assert_eq!(
+        (redelivered.position, redelivered.duplicate),
+        (long_position, true)
+    );
+
+    // Now everything settles: every committed event is folded, each abandoned position recorded.
+    let mut folded = 0;
+    loop {
+        let outcome = fold().await;
+        folded += outcome.events;
+        if outcome.events == 0 {
+            break;
+        }
+    }
+    assert_eq!(folded, committed.len() - 1);
+    // Settled up to the last position taken, past the head (the last two were abandoned).
+    let settled = store::log::settled(&mut projector).await.unwrap();
+    let taken = (committed.len() + abandoned.len()) as i64;
+    assert_eq!(settled.settled, taken);
+    assert_eq!(store::log::head(&mut projector).await.unwrap(), taken - 2);
+    assert_eq!(
+        (settled.events, settled.abandoned),
+        (committed.len() as i64, abandoned.len() as i64)
+    );
+    let recorded: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM abandoned_positions ORDER BY position")
+            .fetch_all(&pool)
             .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        !second.is_finished(),
-        "the second append waits for the first"
-    );
-    first.commit().await.unwrap();
-    assert_eq!(second.await.unwrap(), 2);
-    let seen: Vec<i64> = store::log::read_after(&mut reader, &test_support::vault(), 0, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.position)
-        .collect();
-    assert_eq!(seen, [1, 2]);
+            .unwrap();
+    abandoned.sort();
+    assert_eq!(recorded, abandoned);
+    assert_eq!(settled.events + settled.abandoned, settled.settled);
+    let live = test_support::stored_snapshots(&pool).await;
+    assert_eq!(live, test_support::fresh_fold(&pool).await);
+    assert_eq!(live[&account].version, committed.len() as i64);
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ mod notifier;
 mod projection;
 mod reconcile;
 mod reliability;
+mod replica;
 mod security;
 mod ui;
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::helpers::*;
 
-const TOKEN: &str = "ui-test-token-0123456789";
+pub(crate) const TOKEN: &str = "ui-test-token-0123456789";
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
 
@@ -86,7 +86,7 @@ async fn post_sign_in(
 }
 
 /// Signs in with the token and returns the session cookie's value.
-async fn sign_in(app: &TestApp) -> String {
+pub(crate) async fn sign_in(app: &TestApp) -> String {
     let (cookie, csrf) = sign_in_form(app).await;
     let response = post_sign_in(
         app,
@@ -100,7 +100,11 @@ async fn sign_in(app: &TestApp) -> String {
     cookie_value(&set_cookie(&response, "ap_session").expect("a session cookie"))
 }
 
-async fn get_page(app: &TestApp, path: &str, session: Option<&str>) -> reqwest::Response {
+pub(crate) async fn get_page(
+    app: &TestApp,
+    path: &str,
+    session: Option<&str>,
+) -> reqwest::Response {
     let mut request = client().get(format!("{}{path}", app.address));
     if let Some(session) = session {
         request = request.header(COOKIE, format!("ap_session={session}"));

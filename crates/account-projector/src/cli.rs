@@ -536,6 +536,17 @@ pub(crate) struct ServeArgs {
     )]
     pub(crate) api_tokens: Vec<Secret>,
 
+    /// A streaming replica for the query API, the feed and the pages (libpq TLS parameters as in
+    /// DATABASE_URL); writes, sessions included, still go to DATABASE_URL. Prefer the environment
+    /// variable: a flag shows in `ps`.
+    #[arg(
+        long,
+        env = "READ_DATABASE_URL",
+        hide_env_values = true,
+        value_parser = |raw: &str| Ok::<_, String>(DatabaseUrl(raw.to_owned()))
+    )]
+    pub(crate) read_database_url: Option<DatabaseUrl>,
+
     /// Serve /v1 with no token (local experiments only; a warning is logged).
     #[arg(long, env = "ALLOW_OPEN_API")]
     pub(crate) allow_open_api: bool,
@@ -548,6 +559,11 @@ pub(crate) struct ServeArgs {
     /// 1 commits each delivery alone.
     #[arg(long, env = "MAX_COMMIT_BATCH", default_value_t = defaults().max_commit_batch as u16, value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) max_commit_batch: u16,
+
+    /// Group commits in flight at once, each on a connection of its own (appends overlap). Raise it
+    /// when the database's commit latency (a network away), not its CPU, bounds ingest.
+    #[arg(long, env = "COMMIT_LANES", default_value_t = defaults().commit_lanes as u8, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub(crate) commit_lanes: u8,
 
     /// Larger webhook bodies are refused with 413.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = defaults().max_body_bytes)]
@@ -656,6 +672,8 @@ impl ServeArgs {
         settings.dedup_window = self.dedup_window.into();
         settings.max_body_bytes = self.max_body_bytes;
         settings.max_commit_batch = usize::from(self.max_commit_batch);
+        settings.commit_lanes = usize::from(self.commit_lanes);
+        settings.read_database_url = self.read_database_url.map(|url| url.0);
         settings.request_timeout = self.request_timeout.into();
         settings.database_timeout = self.database_timeout.into();
         settings.header_timeout = self.header_timeout.into();

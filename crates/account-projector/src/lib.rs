@@ -84,6 +84,8 @@ pub const MIN_TOKEN_CHARS: usize = 16;
 #[derive(Clone)]
 pub struct Settings {
     pub database_url: String,
+    /// A streaming replica the query API, the feed and the pages read from.
+    pub read_database_url: Option<String>,
     pub listen_addr: String,
     pub role: Role,
     /// Apply pending migrations (creating the database if needed) before serving.
@@ -98,6 +100,8 @@ pub struct Settings {
     pub dedup_window: Duration,
     /// Most deliveries one commit may carry (group commit).
     pub max_commit_batch: usize,
+    /// Group commits in flight at once, each on its own connection.
+    pub commit_lanes: usize,
     pub max_body_bytes: usize,
     /// Longest time one HTTP request may take, slow clients included.
     pub request_timeout: Duration,
@@ -130,6 +134,10 @@ impl std::fmt::Debug for Settings {
         let redacted = |list: &[String]| format!("[{} redacted]", list.len());
         f.debug_struct("Settings")
             .field("database_url", &store::redacted_url(&self.database_url))
+            .field(
+                "read_database_url",
+                &self.read_database_url.as_deref().map(store::redacted_url),
+            )
             .field("listen_addr", &self.listen_addr)
             .field("role", &self.role)
             .field("migrate", &self.migrate)
@@ -139,6 +147,7 @@ impl std::fmt::Debug for Settings {
             .field("allow_open_api", &self.allow_open_api)
             .field("dedup_window", &self.dedup_window)
             .field("max_commit_batch", &self.max_commit_batch)
+            .field("commit_lanes", &self.commit_lanes)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("request_timeout", &self.request_timeout)
             .field("database_timeout", &self.database_timeout)
@@ -190,6 +199,7 @@ impl Settings {
     pub fn new(database_url: impl Into<String>) -> Self {
         Self {
             database_url: database_url.into(),
+            read_database_url: None,
             listen_addr: "127.0.0.1:8080".into(),
             role: Role::All,
             migrate: true,
@@ -199,6 +209,7 @@ impl Settings {
             allow_open_api: false,
             dedup_window: Duration::from_secs(24 * 3600),
             max_commit_batch: 256,
+            commit_lanes: 1,
             max_body_bytes: 1_048_576,
             request_timeout: Duration::from_secs(30),
             database_timeout: Duration::from_secs(5),
@@ -253,6 +264,15 @@ impl Application {
         let mut db = settings.db.clone();
         db.application_name = format!("account-projector {:?}", settings.role).to_lowercase();
         let pool = store::pool(&settings.database_url, &db)?;
+        // The replica's pool, for the roles that read through the query API.
+        let reads = match &settings.read_database_url {
+            Some(url) if settings.role.serves_api() => {
+                let mut options = db.clone();
+                options.application_name = format!("{} reads", db.application_name);
+                Some(store::pool(url, &options).context("READ_DATABASE_URL")?)
+            }
+            _ => None,
+        };
         let listener = TcpListener::bind(&settings.listen_addr)
             .await
             .with_context(|| format!("could not listen on {}", settings.listen_addr))?;
@@ -265,6 +285,7 @@ impl Application {
         let (router, loops) = router_for_role(
             &settings,
             &pool,
+            reads.as_ref(),
             readiness.clone(),
             checked.secrets,
             streams.clone(),
@@ -479,6 +500,9 @@ async fn migrate(database_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the query API reads a replica's checkpoint (`min_position`, the feed's waits).
+const REPLICA_POLL: Duration = Duration::from_millis(20);
+
 /// The loops behind a router's routes, to run supervised.
 type Loops = Vec<(&'static str, BoxFuture<'static, ()>)>;
 
@@ -487,6 +511,7 @@ type Loops = Vec<(&'static str, BoxFuture<'static, ()>)>;
 fn router_for_role(
     settings: &Settings,
     pool: &PgPool,
+    reads: Option<&PgPool>,
     readiness: web::Readiness,
     secrets: Secrets,
     streams: CancellationToken,
@@ -501,6 +526,7 @@ fn router_for_role(
             settings.vault.clone(),
             settings.dedup_window,
             settings.max_commit_batch,
+            settings.commit_lanes,
         );
         loops.push(("committer", Box::pin(commit_loop)));
         router = router.merge(ingest::router(IngestState {
@@ -514,22 +540,35 @@ fn router_for_role(
         // Up to half of what the committer and the listeners of the projector and the enricher
         // leave (each holds one for good), so the other roles, `/readyz` and requests beyond the
         // kept ones always find connections.
-        let kept = store::kept::KeptConnections::new(
-            pool.clone(),
-            (settings.db.max_connections.saturating_sub(3) / 2) as usize,
-        );
+        let keep =
+            (settings.db.max_connections as usize).saturating_sub(2 + settings.commit_lanes) / 2;
+        let sessions = store::kept::KeptConnections::new(pool.clone(), keep);
+        // With a replica, every query reads there, and waits on the checkpoint the replica has
+        // replayed (a standby cannot LISTEN): a view it answers is one it holds.
+        let (kept, checkpoint) = match reads {
+            Some(reads) => {
+                let (checkpoint, poll) = api::feed::Checkpoint::poll(reads.clone(), REPLICA_POLL);
+                loops.push(("checkpoint watch", Box::pin(poll)));
+                let kept = store::kept::KeptConnections::new(reads.clone(), keep);
+                (kept, checkpoint)
+            }
+            None => {
+                let (checkpoint, watch) = api::feed::Checkpoint::watch(pool.clone());
+                loops.push(("checkpoint watch", Box::pin(watch)));
+                (sessions.clone(), checkpoint)
+            }
+        };
         let (snapshots, read_loop) = api::reader::SnapshotReader::new(
             kept.clone(),
             settings.vault.clone(),
             settings.database_timeout,
         );
         loops.push(("reader", Box::pin(read_loop)));
-        let (checkpoint, watch_loop) = api::feed::Checkpoint::watch(pool.clone());
-        loops.push(("checkpoint watch", Box::pin(watch_loop)));
         router = router.merge(api::router(api::ApiState {
             snapshots,
             vault: settings.vault.clone(),
             db: kept,
+            sessions,
             tokens: settings
                 .api_tokens
                 .iter()

@@ -35,6 +35,16 @@ impl Checkpoint {
         (Self(receiver), keep_current(pool, sender))
     }
 
+    /// The checkpoint as a streaming replica sees it, read every `interval` (a standby cannot
+    /// LISTEN), and the loop that reads it, to run supervised.
+    pub fn poll(
+        pool: PgPool,
+        interval: Duration,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let (sender, receiver) = watch::channel(0);
+        (Self(receiver), poll_current(pool, interval, sender))
+    }
+
     /// Waits until the checkpoint is above `position`, or `until`; true if it got there.
     async fn passes(&self, position: i64, until: Instant) -> bool {
         let mut receiver = self.0.clone();
@@ -57,6 +67,36 @@ async fn keep_current(pool: PgPool, sender: watch::Sender<i64>) {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
+        }
+    }
+}
+
+/// Reads the replica's checkpoint every `interval` until nobody can ask any more.
+async fn poll_current(pool: PgPool, interval: Duration, sender: watch::Sender<i64>) {
+    let read = async || -> store::Result<i64> {
+        let mut conn = store::acquire(&pool).await?;
+        store::checkpoints::get(&mut conn, store::checkpoints::PROJECTION).await
+    };
+    let mut failing = false;
+    loop {
+        match read().await {
+            Ok(position) => {
+                failing = false;
+                sender.send_if_modified(|c| {
+                    let moved = position > *c;
+                    *c = (*c).max(position);
+                    moved
+                });
+            }
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "cannot read the replica's checkpoint; trying again");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = sender.closed() => return,
+            () = tokio::time::sleep(interval) => {}
         }
     }
 }

@@ -260,12 +260,15 @@ async fn page(
 ) -> Result<Json<EventPage>, Problem> {
     let (after, limit) = Params::parse(query)?.page()?;
     let mut conn = state.db.acquire().await?;
+    // Only settled positions, so a follower of `next_after` never skips an event that commits
+    // late at a lower position (the store crate's docs).
+    let up_to = store::log::horizon(&mut conn).await?;
     let mut records = Vec::new();
     let mut bytes = 0usize;
     let mut cut_short = false;
     {
         // Streamed, so the rows past the byte bound are never fetched into memory.
-        let mut rows = store::log::page(&mut conn, &state.vault, account, after, limit + 1);
+        let mut rows = store::log::page(&mut conn, &state.vault, account, after, up_to, limit + 1);
         while let Some(record) = rows.try_next().await? {
             if bytes >= PAGE_BODY_BYTES {
                 cut_short = true;
@@ -431,9 +434,10 @@ async fn erased_changes(
     struct Facts {
         changed_positions: Vec<i64>,
     }
-    let record: Option<EventRecord> = store::log::page(conn, vault, Some(account), erasure - 1, 1)
-        .try_next()
-        .await?;
+    let record: Option<EventRecord> =
+        store::log::page(conn, vault, Some(account), erasure - 1, i64::MAX, 1)
+            .try_next()
+            .await?;
     let changed: std::collections::BTreeSet<i64> = match record.map(|r| r.body) {
         Some(Opened::Plain(body)) => serde_json::from_slice::<Body>(&body)
             .map(|b| b.erasure.changed_positions.into_iter().collect())

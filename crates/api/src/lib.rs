@@ -38,8 +38,12 @@ pub use web::Problem;
 
 /// What the query routes need.
 pub struct ApiState {
-    /// Connections for the queries; kept between requests (see [`store::kept`]).
+    /// Connections for the queries, to the replica when `READ_DATABASE_URL` names one; kept
+    /// between requests (see [`store::kept`]).
     pub db: store::kept::KeptConnections,
+    /// Connections to the primary for what the pages write and must read back at once: their
+    /// sessions (the same as `db` without a replica).
+    pub sessions: store::kept::KeptConnections,
     /// Current-snapshot lookups, shared between concurrent requests (see [`reader`]).
     pub snapshots: reader::SnapshotReader,
     /// Opens what the store keeps sealed.

@@ -13,7 +13,8 @@ pub struct Baseline {
     pub select_tps: f64,
     /// The log alone, no HTTP, every group full: deliveries/s.
     pub full_groups: f64,
-    /// The same without the append lock and NOTIFY, appends overlapping: deliveries/s.
+    /// The same split over four clients whose appends overlap (the service's commit lanes):
+    /// deliveries/s.
     pub overlapping: f64,
 }
 
@@ -70,22 +71,14 @@ pub async fn run(args: &Args, payload: &[u8], rows: &mut Vec<Row>) -> anyhow::Re
 }
 
 /// The log's own append at this concurrency, without HTTP: every group full (one client, `c`
-/// new deliveries a call), the best case of group commit; then, as an experiment, appends that
-/// overlap (no lock, no NOTIFY: not the service's guarantees), two clients of `c / 2`.
+/// new deliveries a call), the best case of one group commit at a time; then the same deliveries
+/// split over four clients whose appends overlap, as the service's four commit lanes do.
 /// Returns (full groups, overlapping) in deliveries/s.
 async fn log_alone(baseline_db: &str, c: usize, s: u64) -> anyhow::Result<(f64, f64)> {
-    let full_groups = append_alone(baseline_db, None, 1, c, s).await?;
-    psql_file(baseline_db, "benches/pgbench/unordered.sql", &[])?;
-    let overlapping = append_alone(
-        baseline_db,
-        Some("bench_unordered,public"),
-        2,
-        (c / 2).max(1),
-        s,
-    )
-    .await?;
+    let full_groups = append_alone(baseline_db, 1, c, s).await?;
+    let overlapping = append_alone(baseline_db, 4, (c / 4).max(1), s).await?;
     eprintln!(
-        "bench: the log alone: {full_groups:.0} deliveries/s in full groups, {overlapping:.0}/s overlapping without the lock"
+        "bench: the log alone: {full_groups:.0} deliveries/s in full groups, {overlapping:.0}/s in four overlapping"
     );
     Ok((full_groups, overlapping))
 }
@@ -93,27 +86,16 @@ async fn log_alone(baseline_db: &str, c: usize, s: u64) -> anyhow::Result<(f64, 
 /// The log's own append without HTTP (`benches/pgbench/append.sql`): `clients` pgbench clients,
 /// each call appending `group` new deliveries. Checks that the log grew by exactly that many events
 /// and returns deliveries/s.
-/// `search_path`, when given, is the session's (e.g. to call `benches/pgbench/unordered.sql`'s
-/// function instead).
 async fn append_alone(
     url: &str,
-    search_path: Option<&str>,
     clients: usize,
     group: usize,
     seconds: u64,
 ) -> anyhow::Result<f64> {
     let pool = store::pool(url, &store::DbOptions::default())?;
     let before = store::log::counts(&mut *pool.acquire().await?).await?;
-    let session = match search_path {
-        Some(path) => format!(
-            "{url}{}options=-csearch_path%3D{}",
-            if url.contains('?') { '&' } else { '?' },
-            path.replace(',', "%2C")
-        ),
-        None => url.to_owned(),
-    };
     let (tps, calls) = pgbench_run(
-        &session,
+        url,
         "benches/pgbench/append.sql",
         clients,
         seconds,

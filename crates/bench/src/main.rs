@@ -8,7 +8,7 @@
 //! # Layout
 //! The scenarios, in the order they run and print their rows:
 //! - [`baseline`]: Postgres's own ceiling (pgbench single-row INSERT and SELECT) and the log's own
-//!   append without HTTP (`benches/pgbench/append.sql`, with and without the append lock).
+//!   append without HTTP (`benches/pgbench/append.sql`, one group at a time and four overlapping).
 //! - [`ingest`]: `serve --role ingest` alone: signed webhooks over HTTP, the same with a wrong
 //!   signature, at saturation (with the CPU a delivery costs), and replayed by `wrk`.
 //! - [`service`]: `serve` with every role on a fresh database: ingest with the projector folding,
@@ -99,7 +99,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     encryption_accounts: usize,
     /// Run only this scenario (the others are skipped); all of them when absent.
-    #[arg(long, value_name = "SCENARIO", value_parser = ["reconcile", "feed", "encryption"])]
+    #[arg(long, value_name = "SCENARIO", value_parser = ["ingest", "reconcile", "feed", "encryption"])]
     only: Option<String>,
 }
 
@@ -117,15 +117,18 @@ async fn main() -> anyhow::Result<()> {
         server::SERVER_LOG
     );
 
-    if args.only.is_none() {
+    let ingest_only = args.only.as_deref() == Some("ingest");
+    if args.only.is_none() || ingest_only {
         // 1. Postgres's own ceiling with the same payload and concurrency.
         let baseline = baseline::run(&args, &payload, &mut rows).await?;
         // 2. Ingest alone, as the compose stack runs it.
         ingest::run(&args, &baseline, cores, &mut rows).await?;
-        // 3. The service with every role, in its own process, on a fresh database.
-        service::run(&args, &baseline, &mut rows).await?;
-        // 4. Rebuild: the log of many accounts, refolded by `account-projector rebuild`.
-        rebuild::run(&args, &mut rows).await?;
+        if !ingest_only {
+            // 3. The service with every role, in its own process, on a fresh database.
+            service::run(&args, &baseline, &mut rows).await?;
+            // 4. Rebuild: the log of many accounts, refolded by `account-projector rebuild`.
+            rebuild::run(&args, &mut rows).await?;
+        }
     }
     let only = |scenario: &str| args.only.as_deref().is_none_or(|o| o == scenario);
     // 5. Reconcile: Argyle's listing paged through by `account-projector reconcile`.

@@ -201,9 +201,11 @@ async fn enrich(
 /// for (and drops those of removed accounts) and moves the checkpoint, in one transaction.
 /// Returns how many events it scanned.
 pub async fn scan(conn: &mut PgConnection, vault: &Vault, batch_size: i64) -> store::Result<usize> {
+    // Before the transaction's reads: see the store crate's docs.
+    let horizon = store::log::horizon(conn).await?;
     let mut tx = store::begin(conn).await?;
     let from = checkpoints::lock(&mut tx, CHECKPOINT).await?;
-    let events = store::log::read_after(&mut tx, vault, from, batch_size).await?;
+    let events = store::log::read_after(&mut tx, vault, from, horizon, batch_size).await?;
     let Some(last) = events.last() else {
         return Ok(0);
     };
@@ -362,6 +364,7 @@ async fn fetch_one(
     .await?;
     enrichment::complete(&mut tx, request, config.window).await?;
     store::commit(tx).await?;
+    store::log::announce(conn).await?;
     let outcome = if answer.is_ok_and(|r| r.is_some()) {
         "fetched"
     } else {

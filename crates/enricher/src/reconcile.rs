@@ -764,6 +764,9 @@ async fn commit_page(
     }
     runs::record(&mut tx, run.id, counts, next).await?;
     store::commit(tx).await?;
+    if !deliveries.is_empty() {
+        store::log::announce(conn).await?;
+    }
     Ok(counts)
 }
 
@@ -915,6 +918,7 @@ async fn confirm_removals(
                     .await?;
                     runs::add_removal(&mut tx, run.id).await?;
                     store::commit(tx).await?;
+                    store::log::announce(conn).await?;
                     tracing::info!(%account, "Argyle answers 404: removal recorded");
                     report.removals += 1;
                     observer.removed(account);

@@ -3,15 +3,20 @@
 //! A [`Batcher`] takes every delivery queued at that moment (up to `max_batch`), appends
 //! them in one statement and one commit, and only then answers each request. Nothing waits on a
 //! timer: a lone delivery is committed at once, and under load the batch grows by itself to what
-//! arrived during the previous commit. Appends are serialised by the log's lock anyway, so sharing
-//! a commit is how throughput rises above one WAL flush per delivery.
+//! arrived during the previous commit. Several such lanes commit side by side, each on its own
+//! connection: appends overlap (the store crate's docs say why readers stay safe), so their
+//! commits share the server's WAL flushes as well.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use store::PgPool;
 use store::kept::KeptConnections;
 use store::keys::Vault;
 use store::log::{Appended, Delivery};
+use tokio::sync::Notify;
 use web::batch::{Abandoned, Batcher, Handler};
 
 /// Why an append did not happen.
@@ -27,39 +32,79 @@ pub enum AppendError {
 
 type Answer = Result<Appended, AppendError>;
 
-/// Handle to the committing task; cheap to clone.
+/// Handle to the committing lanes; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Committer {
-    jobs: Batcher<Delivery, Answer>,
+    lanes: Arc<[Batcher<Delivery, Answer>]>,
+    next: Arc<AtomicUsize>,
 }
 
 impl Committer {
-    /// A handle and the committing loop, for the caller to run as a supervised task; the loop
-    /// ends when the last handle is dropped, after its last batch. A delivery whose request went
-    /// away while queued is still appended: its redelivery will find it.
+    /// A handle and the committing loops of `lanes` lanes (at least one), as one future for the
+    /// caller to run as a supervised task; it ends when the last handle is dropped, after each
+    /// lane's last batch. A delivery whose request went away while queued is still appended: its
+    /// redelivery will find it.
     pub fn new(
         pool: PgPool,
         vault: Vault,
         dedup_window: Duration,
         max_batch: usize,
+        lanes: usize,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        // The one connection the loop appends on is kept between batches: one handed back to the
-        // pool and taken again costs two extra round trips (sqlx pings it both ways).
-        let group = GroupCommit {
-            connections: KeptConnections::new(pool, 1),
-            vault,
-            dedup_window,
+        let appended = Arc::new(Notify::new());
+        let (handles, loops): (Vec<_>, Vec<_>) = (0..lanes.max(1))
+            .map(|_| {
+                // Each lane's connection is kept between batches: one handed back to the pool
+                // and taken again costs two extra round trips (sqlx pings it both ways).
+                let group = GroupCommit {
+                    connections: KeptConnections::new(pool.clone(), 1),
+                    vault: vault.clone(),
+                    dedup_window,
+                    appended: appended.clone(),
+                };
+                Batcher::new(max_batch, Abandoned::Handle, group)
+            })
+            .unzip();
+        let committer = Self {
+            lanes: handles.into(),
+            next: Arc::new(AtomicUsize::new(0)),
         };
-        let (jobs, commit_loop) = Batcher::new(max_batch, Abandoned::Handle, group);
-        (Self { jobs }, commit_loop)
+        (committer, async move {
+            tokio::select! {
+                _ = join_all(loops) => {}
+                () = announce(pool, appended) => {}
+            }
+        })
     }
 
-    /// Appends one delivery; returns once it is committed (or failed).
+    /// Appends one delivery; returns once it is committed (or failed). It joins the lane with the
+    /// fewest deliveries waiting (taking turns among equals).
     pub async fn append(&self, delivery: Delivery) -> Answer {
-        self.jobs
-            .call(delivery)
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let lane = (0..self.lanes.len())
+            .map(|i| &self.lanes[(start + i) % self.lanes.len()])
+            .min_by_key(|lane| lane.pending())
+            .expect("at least one lane");
+        lane.call(delivery)
             .await
             .map_err(|_| AppendError::Unavailable)?
+    }
+}
+
+/// Wakes the log's readers after commits ([`store::log::announce`]), off the lanes' path: the
+/// commits of a burst share one notification. Not hearing one only delays a reader to its next
+/// poll, so a failure is logged and never fails an append.
+async fn announce(pool: PgPool, appended: Arc<Notify>) {
+    loop {
+        appended.notified().await;
+        let outcome = async {
+            let mut conn = store::acquire(&pool).await?;
+            store::log::announce(&mut conn).await
+        };
+        if let Err(error) = outcome.await {
+            tracing::warn!(%error, "could not announce appends; readers see them at their next poll");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -68,6 +113,8 @@ struct GroupCommit {
     connections: KeptConnections,
     vault: Vault,
     dedup_window: Duration,
+    /// Told after each commit.
+    appended: Arc<Notify>,
 }
 
 impl Handler for GroupCommit {
@@ -81,6 +128,9 @@ impl Handler for GroupCommit {
         metrics::histogram!("append_batch_size").record(deliveries.len() as f64);
         let started = std::time::Instant::now();
         let outcome = append(connections, vault, &deliveries, dedup_window).await;
+        if outcome.is_ok() {
+            self.appended.notify_one();
+        }
         metrics::histogram!("append_duration_seconds").record(started.elapsed().as_secs_f64());
         if let Ok(appended) = &outcome
             && let Some(head) = appended.iter().map(|a| a.position).max()
@@ -101,6 +151,9 @@ impl Handler for GroupCommit {
                     )
                     .await;
                     answers.push(single.map(|appended| appended[0]));
+                }
+                if answers.iter().any(Result::is_ok) {
+                    self.appended.notify_one();
                 }
                 answers
             }

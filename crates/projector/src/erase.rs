@@ -115,6 +115,9 @@ pub async fn erase(
     .expect("the erasure body serializes");
     let erased = store::erasure::erase(&mut tx, account, user, &body).await?;
     store::commit(tx).await?;
+    if !erased.already {
+        store::log::announce(&mut conn).await?;
+    }
     metrics::counter!("erasures_total").increment(u64::from(!erased.already));
     Ok(if erased.already {
         Outcome::AlreadyErased {

@@ -70,6 +70,8 @@ pub struct BatchOutcome {
     pub refused: usize,
     /// The checkpoint after the batch.
     pub checkpoint: i64,
+    /// The log's horizon the batch read up to (`i64::MAX` when not read: go on at once).
+    pub horizon: i64,
 }
 
 /// Runs the projector until `shutdown` fires, surviving database outages.
@@ -160,8 +162,10 @@ async fn fold_the_log(
             metrics::gauge!("log_head_position").set(head as f64);
             metrics::gauge!("projector_checkpoint_position").set(outcome.checkpoint as f64);
             metrics::gauge!("projector_lag_events").set((head - outcome.checkpoint).max(0) as f64);
-            // Caught up, not merely a short batch: a batch cut short by a refusal goes on at once.
-            if outcome.checkpoint >= head {
+            // Caught up with what is settled, not merely a short batch: a batch cut short by a
+            // refusal goes on at once. Events past the horizon wait for the appends before them
+            // (their commit announces itself; an abort is seen at the next poll).
+            if outcome.events == 0 || outcome.checkpoint >= outcome.horizon {
                 break;
             }
         }
@@ -236,13 +240,16 @@ async fn try_batch(
     vault: &Vault,
     batch_size: i64,
 ) -> Result<BatchOutcome, Attempt> {
+    // Before the transaction's reads: see the store crate's docs.
+    let horizon = store::log::settle(conn).await?;
     let mut tx = store::begin(conn).await?;
     let checkpoint = checkpoints::lock(&mut tx, CHECKPOINT).await?;
-    let events = store::log::read_after(&mut tx, vault, checkpoint, batch_size).await?;
+    let events = store::log::read_after(&mut tx, vault, checkpoint, horizon, batch_size).await?;
     let Some(last) = events.last().map(|e| e.position) else {
         store::rollback(tx).await?;
         return Ok(BatchOutcome {
             checkpoint,
+            horizon,
             ..BatchOutcome::default()
         });
     };
@@ -273,6 +280,7 @@ async fn try_batch(
         snapshots_written,
         refused,
         checkpoint: last,
+        horizon,
     })
 }
 
@@ -299,6 +307,7 @@ async fn quarantine_alone(
         snapshots_written: 0,
         refused: 1,
         checkpoint: event.position,
+        horizon: i64::MAX,
     })
 }
 

@@ -130,8 +130,9 @@ pub async fn rebuild_all(
     store::snapshots::clear(&mut writer, Table::Rebuild).await?;
 
     let mut reader = store::acquire(pool).await?;
+    // The horizon before the snapshot: every event up to it is in the snapshot (store crate docs).
+    let head = store::log::horizon(&mut reader).await?;
     let mut read = store::begin_consistent_read(&mut reader).await?;
-    let head = store::log::head(&mut read).await?;
     let total = store::log::count_account_events(&mut read, head, None).await?;
     progress.start(total as u64);
     let mut events = 0u64;
@@ -167,11 +168,11 @@ pub async fn rebuild_all(
     let checkpoint = store::checkpoints::lock(&mut swap, CHECKPOINT).await?;
     let mut folded_to = head;
     while folded_to < checkpoint {
-        // Positions are dense, so this reads exactly the events up to the live checkpoint.
-        let limit = (checkpoint - folded_to).min(WRITE_BATCH as i64);
-        let mut batch = store::log::read_after(&mut swap, vault, folded_to, limit).await?;
-        // Events the database refused are left out of the read, so it may reach past the checkpoint.
-        batch.retain(|e| e.position <= checkpoint);
+        // The live projector folded only settled positions, so everything up to its checkpoint
+        // is visible here.
+        let batch =
+            store::log::read_after(&mut swap, vault, folded_to, checkpoint, WRITE_BATCH as i64)
+                .await?;
         let Some(last) = batch.last().map(|e| e.position) else {
             break;
         };

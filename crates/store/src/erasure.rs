@@ -12,13 +12,11 @@ use uuid::Uuid;
 use crate::keys::{NO_ACCOUNT, Vault};
 use crate::{Error, Result};
 
-/// Blocks every append until the caller's transaction ends, so that what the caller reads of an
-/// account's events is all of them when it erases the account.
+/// Blocks every append until the caller's transaction ends and waits for the appends in flight
+/// (`hold_appends()`, V18), so that what the caller reads next of an account's events, under READ
+/// COMMITTED, is all of them when it erases the account.
 pub async fn hold_appends(tx: &mut PgConnection) -> Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(crate::locks::APPEND_LOCK)
-        .execute(tx)
-        .await?;
+    sqlx::query("SELECT hold_appends()").execute(tx).await?;
     Ok(())
 }
 

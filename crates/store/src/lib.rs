@@ -16,23 +16,30 @@
 //!   other crate needs sqlx.
 //!
 //! # Why a reader of `position > checkpoint` never skips an event
-//! Every append runs in a transaction that first takes one transaction-level advisory lock
-//! ([`locks::APPEND_LOCK`]) and only then computes its position as the current head plus one. The lock is
-//! held until the transaction ends, and Postgres makes a committed transaction visible to other
-//! snapshots (ProcArrayEndTransaction) *before* it releases the transaction's locks. So the append that
-//! gets position `n + 1` cannot even start choosing its position until the append of `n` is visible,
-//! and positions become visible strictly in order: every snapshot a reader takes sees a gap-free
-//! prefix of the log. A reader that has folded up to `c` and reads `position > c` therefore never
-//! misses an event that commits later at a lower position: there is no such event. Positions are also
-//! dense (1, 2, 3, ...), because a rolled-back append releases the lock without leaving a position
-//! behind, which lets an auditor see at a glance that nothing is missing.
+//! Appends overlap (migrations/V18): each takes its positions from a sequence while it holds one
+//! advisory lock ([`locks::APPEND_LOCK`]) for microseconds, and under the same lock takes a
+//! transaction-level *marker* lock on its first position, which lasts until it commits or aborts.
+//! Postgres makes a transaction's commit visible to new snapshots (ProcArrayEndTransaction)
+//! *before* it releases the transaction's locks, so once a marker is gone, its events are visible
+//! or will never be. [`log::horizon`] is the position below the lowest marker still held (read
+//! with the lock taken shared, so no append is half-seen between the sequence and its marker), or
+//! the last position taken when none is: every position up to it is settled. A reader reads the
+//! horizon first, then (under READ COMMITTED, in a later statement) `position > checkpoint AND
+//! position <= horizon`, and so never misses an event that commits late at a lower position: it
+//! has not read past it. The projector, the enricher, rebuild and the log's pages in the API read
+//! this way.
 //!
-//! The cost: appends are serialised, so the append rate is bounded by one commit (one WAL flush) at a
-//! time, about the rate of a single client doing single-row inserts. Grouping several deliveries in
-//! one transaction (group commit) lifts that bound without touching the argument above. Readers take
-//! no lock at all.
+//! Positions stay accounted for: an append that takes a position and then rolls back (or loses
+//! its connection, or the server crashes) leaves a hole, and [`log::settle`] records every such
+//! hole up to the horizon in `abandoned_positions`. Every position up to `log_settled` is then an
+//! event or an abandoned position, exactly once ([`log::settled`]; `status` prints it): that is
+//! the auditor's proof that nothing is missing, instead of the dense 1, 2, 3 of a log appended
+//! one transaction at a time.
 //!
-//! The same lock makes dedup race-free: the lookup of an identical body and the insert happen under it.
+//! Dedup stays race-free: each append takes a transaction-level lock per body sha256 (in sorted
+//! order, so two batches cannot deadlock) before it looks for an identical body, so a redelivery
+//! racing its original waits for the original to commit and then finds it. Readers take no lock
+//! but the horizon's brief shared one.
 
 #![forbid(unsafe_code)]
 

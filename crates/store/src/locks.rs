@@ -5,8 +5,9 @@ use sqlx::PgConnection;
 
 use crate::Result;
 
-/// Transaction-level advisory lock every append takes first (inside `append_to_log`, which names
-/// its key as a number); see the crate docs for why it makes the log gap-safe.
+/// The advisory lock every append holds while it takes its positions (inside `append_to_log`,
+/// which names its key as a number), that `log_horizon()` takes shared and that erasure holds
+/// ([`crate::erasure::hold_appends`]); see the crate docs for why readers never skip an event.
 pub const APPEND_LOCK: i64 = 0x4150_4c4f_4721; // "APLOG!"
 
 /// Session lock `migrate` holds while it applies migrations, so concurrent runs take turns.

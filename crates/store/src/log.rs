@@ -59,17 +59,79 @@ pub async fn append(
         dedup_window,
     )
     .await?;
+    announce(&mut conn).await?;
     Ok(appended[0])
 }
 
+/// Wakes every [`AppendNotifications`] waiter (NOTIFY `events_appended`): called by whoever
+/// appended, after the commit, in a transaction of its own. (A NOTIFY inside the append would
+/// make appends commit one at a time: Postgres serialises the commits of notifying transactions.)
+pub async fn announce(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_notify('events_appended', '')")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The last position at or below which no append is in flight (`log_horizon()`, V18): every
+/// position up to it is settled, committed or abandoned. Read it *before* the snapshot that reads
+/// the log (under READ COMMITTED, in an earlier statement), and read no further than it: a reader
+/// of `position > checkpoint AND position <= horizon` never skips an event that commits late. On
+/// a standby it is the primary's last settled position ([`settle`]).
+pub async fn horizon(conn: &mut PgConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT log_horizon()")
+        .fetch_one(conn)
+        .await?)
+}
+
+/// [`horizon`], after recording each position up to it that no event holds (an append that took
+/// it and never committed) in `abandoned_positions`, so every settled position is accounted for.
+/// Runs as a statement of its own under READ COMMITTED (refused otherwise).
+pub async fn settle(conn: &mut PgConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT settle_log()")
+        .fetch_one(conn)
+        .await?)
+}
+
+/// How the positions up to the settled mark are accounted for: `events + abandoned == settled`
+/// is the proof that nothing is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Every position up to here is an event or recorded as abandoned.
+    pub settled: i64,
+    /// Events at or below `settled`.
+    pub events: i64,
+    /// Positions at or below `settled` whose append never committed.
+    pub abandoned: i64,
+}
+
+/// See [`Settled`].
+pub async fn settled(conn: &mut PgConnection) -> Result<Settled> {
+    let (settled, events, abandoned): (i64, i64, i64) = sqlx::query_as(
+        "SELECT s.position,
+                (SELECT count(*) FROM events e WHERE e.position <= s.position),
+                (SELECT count(*) FROM abandoned_positions a WHERE a.position <= s.position)
+           FROM log_settled s",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(Settled {
+        settled,
+        events,
+        abandoned,
+    })
+}
+
 /// Appends webhook deliveries, in order, inside the caller's transaction (or as one transaction if
-/// the connection has none); durable once that commits. One answer per delivery, in order.
+/// the connection has none); durable once that commits, after which the caller [`announce`]s it.
+/// One answer per delivery, in order.
 ///
 /// Each body is sealed with its account's key (made first if the account has none: a statement
 /// of its own, once per account), bound to the account and the sha256 of the body as received.
 ///
-/// Takes [`crate::locks::APPEND_LOCK`] until the transaction ends. A body identical (sha256) to an event received
-/// less than `dedup_window` ago, earlier deliveries of the same call included, is recorded as
+/// Takes [`crate::locks::APPEND_LOCK`] only while it takes its positions, and a lock per body until
+/// the transaction ends. A body identical (sha256) to an event received less than `dedup_window`
+/// ago, earlier deliveries of the same call included, or appended concurrently, is recorded as
 /// another delivery of that event, not as a new one.
 #[tracing::instrument(skip_all, fields(deliveries = deliveries.len()))]
 pub async fn append_in(
@@ -299,21 +361,24 @@ fn rows_to_events(rows: Vec<EventRow>, vault: &Vault) -> Result<Vec<StoredEvent>
 /// erased account, whose bodies no fold can read again to decide, every refusal recorded stands.
 const NOT_REFUSED_BY_STORE: &str = "NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.position = e.position AND (q.refused_by = 'store' OR k.erased_at IS NOT NULL))";
 
-/// Up to `limit` events with `position > after`, in log order, but those the database refused to
-/// fold (see [`NOT_REFUSED_BY_STORE`]).
+/// Up to `limit` events with `after < position <= up_to`, in log order, but those the database
+/// refused to fold (see [`NOT_REFUSED_BY_STORE`]). `up_to` is a [`horizon`] read before.
 #[tracing::instrument(skip(conn))]
 pub async fn read_after(
     conn: &mut PgConnection,
     vault: &Vault,
     after: i64,
+    up_to: i64,
     limit: i64,
 ) -> Result<Vec<StoredEvent>> {
     let rows: Vec<EventRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS}
-         FROM {KEYED} WHERE e.position > $1 AND {NOT_REFUSED_BY_STORE} ORDER BY e.position LIMIT $2"
+         FROM {KEYED} WHERE e.position > $1 AND e.position <= $3 AND {NOT_REFUSED_BY_STORE}
+         ORDER BY e.position LIMIT $2"
     )))
     .bind(after)
     .bind(limit)
+    .bind(up_to)
     .fetch_all(conn)
     .await?;
     rows_to_events(rows, vault)
@@ -456,27 +521,31 @@ const RECORD_COLUMNS: &str = "e.position, e.received_at, e.event, e.account_id, 
      e.origin, e.signature, 1 + (SELECT count(*) FROM redeliveries r WHERE r.position = e.position) AS deliveries, \
      k.kek_id, k.wrapped_key, (k.erased_at IS NOT NULL) AS erased";
 
-/// Up to `limit` events after `after` in log order, of one account or of the whole log, streamed
-/// so a caller can stop early (a page bounded by bytes as well as by rows).
+/// Up to `limit` events with `after < position <= up_to` in log order, of one account or of the
+/// whole log, streamed so a caller can stop early (a page bounded by bytes as well as by rows).
+/// A follower's `up_to` is a [`horizon`] read before; a look at one event may pass `i64::MAX`.
 pub fn page<'c>(
     conn: &'c mut PgConnection,
     vault: &'c Vault,
     account: Option<Uuid>,
     after: i64,
+    up_to: i64,
     limit: i64,
 ) -> BoxStream<'c, Result<EventRecord>> {
     let query = match account {
         Some(account) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM {KEYED} WHERE e.account_id = $3 AND e.position > $1 ORDER BY e.position LIMIT $2"
+            "SELECT {RECORD_COLUMNS} FROM {KEYED} WHERE e.account_id = $3 AND e.position > $1 AND e.position <= $4 ORDER BY e.position LIMIT $2"
         )))
         .bind(after)
         .bind(limit)
-        .bind(account),
+        .bind(account)
+        .bind(up_to),
         None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM {KEYED} WHERE e.position > $1 ORDER BY e.position LIMIT $2"
+            "SELECT {RECORD_COLUMNS} FROM {KEYED} WHERE e.position > $1 AND e.position <= $3 ORDER BY e.position LIMIT $2"
         )))
         .bind(after)
-        .bind(limit),
+        .bind(limit)
+        .bind(up_to),
     };
     query
         .fetch(conn)

@@ -317,8 +317,9 @@ pub async fn fresh_fold(pool: &PgPool) -> BTreeMap<Uuid, AccountSnapshot> {
     let mut by_account: BTreeMap<Uuid, AccountSnapshot> = BTreeMap::new();
     let vault = vault();
     let mut after = 0;
+    let up_to = store::log::horizon(&mut conn).await.unwrap();
     loop {
-        let page = store::log::read_after(&mut conn, &vault, after, 500)
+        let page = store::log::read_after(&mut conn, &vault, after, up_to, 500)
             .await
             .unwrap();
         let Some(last) = page.last() else { break };
@@ -347,7 +348,7 @@ pub async fn logged_events(pool: &PgPool) -> Vec<store::log::EventRecord> {
     use futures_util::TryStreamExt;
     let mut conn = pool.acquire().await.unwrap();
     let vault = vault();
-    store::log::page(&mut conn, &vault, None, 0, i64::MAX)
+    store::log::page(&mut conn, &vault, None, 0, i64::MAX, i64::MAX)
         .try_collect()
         .await
         .unwrap()

@@ -48,6 +48,18 @@ pub(crate) async fn run(database_url: &str) -> anyhow::Result<ExitCode> {
         "events:      {} ({} deliveries)",
         counts.events, counts.deliveries
     );
+    let settled = store::log::settled(&mut conn).await?;
+    println!(
+        "settled:     {} ({} events + {} abandoned appends{})",
+        settled.settled,
+        settled.events,
+        settled.abandoned,
+        if settled.events + settled.abandoned == settled.settled {
+            ": every position accounted for"
+        } else {
+            ": POSITIONS MISSING"
+        }
+    );
     println!("snapshots:   {snapshots}");
     println!("quarantined: {quarantined}");
     let scanned = store::checkpoints::get(&mut conn, store::checkpoints::ENRICHER).await?;

@@ -154,7 +154,7 @@ async fn require_session(
 
 /// Whether `id` opens a session that has not expired, made with a token still configured.
 async fn session_is_live(state: &ApiState, id: &str) -> Result<bool, UiError> {
-    let mut conn = state.db.acquire().await.map_err(Problem::from)?;
+    let mut conn = state.sessions.acquire().await.map_err(Problem::from)?;
     let session = store::sessions::find(&mut conn, id.as_bytes())
         .await
         .map_err(Problem::from)?;

@@ -201,7 +201,11 @@ pub(crate) async fn sign_in(
         ));
     };
     let session = random_secret();
-    let mut conn = state.db.acquire().await.map_err(crate::Problem::from)?;
+    let mut conn = state
+        .sessions
+        .acquire()
+        .await
+        .map_err(crate::Problem::from)?;
     store::sessions::open(
         &mut conn,
         session.as_bytes(),
@@ -241,7 +245,11 @@ pub(crate) async fn sign_out(
             "This sign-out did not come from a page of this service.".into(),
         ));
     }
-    let mut conn = state.db.acquire().await.map_err(crate::Problem::from)?;
+    let mut conn = state
+        .sessions
+        .acquire()
+        .await
+        .map_err(crate::Problem::from)?;
     store::sessions::close(&mut conn, session.as_bytes()).await?;
     conn.release();
     let mut response = Redirect::to("/ui/sign-in?notice=signed_out").into_response();
@@ -292,7 +300,7 @@ pub(crate) async fn home(
     let of_user = store::snapshots::of_user(&mut conn, &state.vault, id).await?;
     let logged = {
         use futures_util::TryStreamExt;
-        store::log::page(&mut conn, &state.vault, Some(id), 0, 1)
+        store::log::page(&mut conn, &state.vault, Some(id), 0, i64::MAX, 1)
             .try_next()
             .await?
             .is_some()
@@ -576,7 +584,14 @@ pub(crate) async fn event(
     let mut conn = state.db.acquire().await.map_err(crate::Problem::from)?;
     let record = {
         use futures_util::TryStreamExt;
-        let mut rows = store::log::page(&mut conn, &state.vault, Some(account_id), position - 1, 1);
+        let mut rows = store::log::page(
+            &mut conn,
+            &state.vault,
+            Some(account_id),
+            position - 1,
+            i64::MAX,
+            1,
+        );
         rows.try_next().await?
     };
     conn.release();

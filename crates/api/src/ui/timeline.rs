@@ -301,6 +301,7 @@ async fn logged(
         vault,
         Some(account),
         first.position - 1,
+        i64::MAX,
         kept.len() as i64,
     );
     while let Some(record) = rows.try_next().await? {
