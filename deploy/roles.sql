@@ -22,12 +22,15 @@
 --   serve --role ingest       EXECUTE append_webhooks; SELECT refinery_schema_history (/readyz)
 --   serve --role projector    SELECT events, redeliveries, quarantine; SELECT, INSERT, UPDATE,
 --                             DELETE account_snapshots; SELECT, UPDATE projector_checkpoints;
---                             INSERT quarantine; advisory locks (leader), LISTEN
+--                             INSERT quarantine; EXECUTE settle_log (records abandoned
+--                             positions, V18); advisory locks (leader), LISTEN
 --   serve --role api          SELECT events, redeliveries, account_snapshots, quarantine,
---                             projector_checkpoints; SELECT, INSERT, DELETE ui_sessions (the
---                             pages' sessions, V17)
+--                             projector_checkpoints; EXECUTE log_horizon (V18); SELECT, INSERT,
+--                             DELETE ui_sessions (the pages' sessions, V17). With
+--                             READ_DATABASE_URL the same role reads the replica (its grants
+--                             replicate), and writes sessions to the primary
 --   serve --role enricher     SELECT events; SELECT, INSERT, UPDATE enrichment_requests;
---                             UPDATE projector_checkpoints; EXECUTE append_fetched
+--                             UPDATE projector_checkpoints; EXECUTE append_fetched, log_horizon
 --   rebuild [--verify]        SELECT, INSERT, UPDATE, DELETE account_snapshots(_rebuild);
 --                             UPDATE projector_checkpoints; INSERT quarantine
 --   reconcile, and the enricher with RECONCILE_INTERVAL

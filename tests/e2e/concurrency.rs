@@ -336,6 +336,37 @@ async fn long_running_aborted_and_killed_appends_never_make_a_reader_skip_an_eve
     let live = test_support::stored_snapshots(&pool).await;
     assert_eq!(live, test_support::fresh_fold(&pool).await);
     assert_eq!(live[&account].version, committed.len() as i64);
+    let (code, out, err) = run_binary(&database_url, &["status"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let line = format!(
+        "settled:     {taken} ({} events + {} abandoned appends: every position accounted for)",
+        committed.len(),
+        abandoned.len()
+    );
+    assert!(out.contains(&line), "{out}");
+}
+
+#[tokio::test]
+async fn more_than_one_projector_partition_is_refused_at_start_not_ignored() {
+    let database_url = migrated_database().await;
+    let cases = ["3", "0", "two"];
+    for partitions in cases {
+        let (code, _, err) = run_binary(
+            &database_url,
+            &[
+                "serve",
+                "--role",
+                "projector",
+                "--listen-addr",
+                "127.0.0.1:0",
+            ],
+            &[("PROJECTOR_PARTITIONS", partitions)],
+        )
+        .await;
+        assert_ne!(code, 0, "PROJECTOR_PARTITIONS={partitions}: {err}");
+        assert!(err.contains("PROJECTOR_PARTITIONS"), "{err}");
+    }
+    assert_eq!(cases.len(), 3);
 }
 
 #[tokio::test]

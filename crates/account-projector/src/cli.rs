@@ -650,6 +650,11 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "ERASE_REMOVED_AFTER", default_value_t = Interval(defaults().projector.erase_removed_after), value_parser = interval)]
     pub(crate) erase_removed_after: Interval,
 
+    /// Hash partitions of the projection. This version folds the log as one partition: any
+    /// other number is refused at start rather than ignored (docs/scaling.md).
+    #[arg(long, env = "PROJECTOR_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) projector_partitions: u16,
+
     #[command(flatten)]
     pub(crate) keys: KeyArgs,
 }
@@ -657,6 +662,12 @@ pub(crate) struct ServeArgs {
 impl ServeArgs {
     /// The service's settings: these arguments over the defaults of [`Settings::new`].
     pub(crate) fn into_settings(self, database_url: String) -> anyhow::Result<Settings> {
+        anyhow::ensure!(
+            self.projector_partitions == 1,
+            "PROJECTOR_PARTITIONS={} is not supported by this version, which folds the log as one \
+             partition (one leader, standbys take over); see docs/scaling.md",
+            self.projector_partitions
+        );
         let mut settings = Settings::new(database_url);
         settings.role = self.role;
         settings.listen_addr = self.listen_addr;
