@@ -26,6 +26,8 @@
 //! - [`encryption`]: encryption at rest on (`DATA_KEYS`) against off (`ALLOW_PLAINTEXT_LOG`),
 //!   each on a fresh database: ingest alone, rebuild of 200,000 events over 10,000 accounts, and
 //!   time travel over an account with 10,000 events; off is each row's baseline.
+//! - [`growth`] (only with `--only growth`): the same figures as one log grows, each against the
+//!   first size's.
 //!
 //! Shared by them:
 //! - [`report`]: the rows and the Markdown table printed at the end.
@@ -41,6 +43,7 @@ mod baseline;
 mod data;
 mod encryption;
 mod feed;
+mod growth;
 mod ingest;
 mod lag;
 mod latency;
@@ -99,8 +102,18 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     encryption_accounts: usize,
     /// Run only this scenario (the others are skipped); all of them when absent.
-    #[arg(long, value_name = "SCENARIO", value_parser = ["ingest", "reconcile", "feed", "encryption"])]
+    #[arg(long, value_name = "SCENARIO", value_parser = ["ingest", "reconcile", "feed", "encryption", "growth"])]
     only: Option<String>,
+    /// The log sizes (events) `--only growth` grows one database to, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "100000,1000000,3000000,10000000"
+    )]
+    growth_sizes: Vec<usize>,
+    /// Accounts those events are spread over at the largest size (fewer, in proportion, before).
+    #[arg(long, default_value_t = 300_000)]
+    growth_accounts: usize,
 }
 
 #[tokio::main]
@@ -142,6 +155,11 @@ async fn main() -> anyhow::Result<()> {
     // 7. Encryption at rest: ingest, rebuild and time travel, on against off.
     if only("encryption") {
         encryption::run(&args, &mut rows).await?;
+    }
+
+    // 8. Cost as the log grows: only when asked for (long, and it takes disk).
+    if args.only.as_deref() == Some("growth") {
+        growth::run(&args, &mut rows).await?;
     }
 
     report::print(&rows, cores, &version, args.connections, args.seconds)?;

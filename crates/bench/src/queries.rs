@@ -84,7 +84,7 @@ pub async fn run(
 }
 
 /// `count` GETs of the accounts in turn, `connections` in flight, at `rate` or flat out.
-async fn get(
+pub async fn get(
     client: &reqwest::Client,
     base: &str,
     accounts: &Arc<Vec<Uuid>>,

@@ -240,13 +240,16 @@ async fn try_batch(
     vault: &Vault,
     batch_size: i64,
 ) -> Result<BatchOutcome, Attempt> {
-    // Before the transaction's reads: see the store crate's docs.
-    let horizon = store::log::settle(conn).await?;
     let mut tx = store::begin(conn).await?;
+    // The horizon first, in a statement before the reads (READ COMMITTED: each statement sees
+    // every commit before it; see the store crate's docs). Settling it here shares the batch's
+    // commit (one WAL flush, not two).
+    let horizon = store::log::settle(&mut tx).await?;
     let checkpoint = checkpoints::lock(&mut tx, CHECKPOINT).await?;
     let events = store::log::read_after(&mut tx, vault, checkpoint, horizon, batch_size).await?;
     let Some(last) = events.last().map(|e| e.position) else {
-        store::rollback(tx).await?;
+        // Committed, not rolled back: what settling recorded (abandoned positions) stays.
+        store::commit(tx).await?;
         return Ok(BatchOutcome {
             checkpoint,
             horizon,

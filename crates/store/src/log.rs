@@ -86,7 +86,8 @@ pub async fn horizon(conn: &mut PgConnection) -> Result<i64> {
 
 /// [`horizon`], after recording each position up to it that no event holds (an append that took
 /// it and never committed) in `abandoned_positions`, so every settled position is accounted for.
-/// Runs as a statement of its own under READ COMMITTED (refused otherwise).
+/// Runs under READ COMMITTED (refused otherwise), before the reads it bounds, in their transaction
+/// or before it.
 pub async fn settle(conn: &mut PgConnection) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT settle_log()")
         .fetch_one(conn)
@@ -685,5 +686,20 @@ pub async fn count_account_events(
     .bind(account)
     .bind(&FOLDED_API_ANSWERS[..])
     .fetch_one(conn)
+    .await?)
+}
+
+/// The plan and timing of the dedup lookup every append makes (`EXPLAIN ANALYZE` of the probe in
+/// `append_to_log()`, for a body never seen), one line each: how it grows with the log.
+pub async fn explain_dedup_lookup(conn: &mut PgConnection) -> Result<Vec<String>> {
+    let unseen = crate::keys::sha256(uuid::Uuid::new_v4().as_bytes());
+    Ok(sqlx::query_scalar(
+        "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)
+         SELECT e.position FROM events e
+          WHERE e.body_sha256 = $1 AND e.received_at > clock_timestamp() - interval '24 hours'
+          ORDER BY e.position DESC LIMIT 1",
+    )
+    .bind(unseen)
+    .fetch_all(conn)
     .await?)
 }

@@ -377,3 +377,31 @@ pub async fn count(conn: &mut PgConnection) -> Result<i64> {
         .fetch_one(conn)
         .await?)
 }
+
+/// Up to `n` account ids with a snapshot, picked at random (for load tests).
+pub async fn sample_ids(conn: &mut PgConnection, n: i64) -> Result<Vec<Uuid>> {
+    Ok(
+        sqlx::query_scalar("SELECT account_id FROM account_snapshots ORDER BY random() LIMIT $1")
+            .bind(n)
+            .fetch_all(conn)
+            .await?,
+    )
+}
+
+/// One line per table of the log and the projection, and per index: live and dead rows, updates
+/// and how many were HOT, sizes. What bloat and index growth look like under sustained load.
+pub async fn table_health(conn: &mut PgConnection) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT format('%s: %s rows, %s dead, %s updates (%s HOT), %s with indexes and TOAST',
+                       t.relname, t.n_live_tup, t.n_dead_tup, t.n_tup_upd, t.n_tup_hot_upd,
+                       pg_size_pretty(pg_total_relation_size(t.relid)))
+           FROM pg_stat_user_tables t
+          WHERE t.relname IN ('events', 'redeliveries', 'account_snapshots', 'account_keys')
+         UNION ALL
+         SELECT format('index %s: %s', i.indexrelname, pg_size_pretty(pg_relation_size(i.indexrelid)))
+           FROM pg_stat_user_indexes i
+          WHERE i.relname IN ('events', 'account_snapshots')",
+    )
+    .fetch_all(conn)
+    .await?)
+}
