@@ -7,9 +7,8 @@
 //!    Off: no `DATA_KEYS` and `ALLOW_PLAINTEXT_LOG=true`, stored as they are. Each row prints on,
 //!    with off as its baseline (ratio on / off).
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use loadgen::{Report, generate, send};
@@ -25,7 +24,7 @@ use crate::ingest::{expect_deliveries, workload};
 use crate::pg::url_for;
 use crate::queries::time_travel_reads;
 use crate::report::{Row, row};
-use crate::server::{sending, start_server_with, stop_server, wait_ready, with_data_keys};
+use crate::server::{sending, start_server_with, stop_server, wait_ready};
 
 /// The database of every run here, dropped and created afresh for each.
 const DATABASE: &str = "account_projector_bench_encryption";
@@ -195,18 +194,7 @@ async fn rebuild(args: &Args, encrypted: bool) -> anyhow::Result<Rebuilt> {
     }
     expect_sealed(&pool, encrypted).await?;
     pool.close().await;
-    let mut command = Command::new(&args.server);
-    command
-        .args(["rebuild"])
-        .env("DATABASE_URL", &url)
-        .env("RUST_LOG", "warn");
-    let started = Instant::now();
-    let status = with_data_keys(&mut command, encrypted)
-        .stdin(Stdio::null())
-        .status()
-        .with_context(|| format!("could not run {} rebuild", args.server))?;
-    anyhow::ensure!(status.success(), "rebuild failed");
-    let secs = started.elapsed().as_secs_f64();
+    let secs = crate::server::run_rebuild(&args.server, &url, encrypted)?;
     let rebuilt = Rebuilt { events, secs };
     eprintln!(
         "bench: rebuild of {events} events over {} accounts, encryption {}, in {secs:.1} s: {:.0} events/s",

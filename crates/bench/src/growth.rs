@@ -7,9 +7,8 @@
 //! dedup lookup's plan and time, the sizes of the log and its indexes, and the snapshot table's
 //! dead rows and HOT updates (its bloat under sustained load).
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use loadgen::{Workload, generate, send};
 use uuid::Uuid;
@@ -19,7 +18,7 @@ use crate::data::{analyze, append_bodies, load_interleaved, refinements, wait_pr
 use crate::pg::url_for;
 use crate::queries::{get, time_travel_reads};
 use crate::report::{Row, row};
-use crate::server::{sending, start_server, stop_server, wait_ready};
+use crate::server::{run_rebuild, sending, start_server, stop_server, wait_ready};
 
 /// What one size measured.
 #[derive(Clone, Copy)]
@@ -148,17 +147,7 @@ async fn rebuild(args: &Args, url: &str, pool: &store::PgPool) -> anyhow::Result
     let events = store::log::counts(&mut *pool.acquire().await?)
         .await?
         .events;
-    let mut command = Command::new(&args.server);
-    crate::server::with_data_keys(&mut command, true);
-    let started = Instant::now();
-    let status = command
-        .args(["rebuild"])
-        .env("DATABASE_URL", url)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "rebuild failed");
-    let secs = started.elapsed().as_secs_f64();
+    let secs = run_rebuild(&args.server, url, true)?;
     eprintln!("bench: growth: rebuild of {events} events in {secs:.1} s");
     Ok(events as f64 / secs)
 }

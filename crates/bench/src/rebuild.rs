@@ -1,8 +1,7 @@
 //! 4. Rebuild: a log of many accounts, loaded straight through the store, refolded by
 //!    `account-projector rebuild` (the whole command, timed).
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::Args;
 use crate::data::{analyze, load_interleaved};
@@ -26,17 +25,7 @@ pub async fn run(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         let mut conn = pool.acquire().await?;
         analyze(&mut conn).await;
     }
-    let started = Instant::now();
-    let mut command = Command::new(&args.server);
-    crate::server::with_data_keys(&mut command, true);
-    let status = command
-        .args(["rebuild"])
-        .env("DATABASE_URL", &rebuild_db)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "rebuild failed");
-    let secs = started.elapsed().as_secs_f64();
+    let secs = crate::server::run_rebuild(&args.server, &rebuild_db, true)?;
     let rate = appended as f64 / secs;
     eprintln!(
         "bench: rebuild of {appended} events over {} accounts in {secs:.1} s: {rate:.0} events/s",

@@ -66,6 +66,23 @@ pub fn with_data_keys(command: &mut Command, encrypted: bool) -> &mut Command {
     }
 }
 
+/// Runs `account-projector rebuild` of the database at `url` to its end, with encryption on or
+/// off; returns how long the whole command took, in seconds.
+pub fn run_rebuild(server: &str, url: &str, encrypted: bool) -> anyhow::Result<f64> {
+    let mut command = Command::new(server);
+    with_data_keys(&mut command, encrypted);
+    let started = std::time::Instant::now();
+    let status = command
+        .args(["rebuild"])
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .status()
+        .map_err(|e| anyhow::anyhow!("could not run {server} rebuild: {e}"))?;
+    anyhow::ensure!(status.success(), "rebuild failed");
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// Where the servers' logs go (appended): [`SERVER_LOG`]. The run with a wrong signature alone
 /// logs a warning per request, which would bury the table.
 fn server_log() -> anyhow::Result<std::fs::File> {
