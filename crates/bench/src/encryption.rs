@@ -271,8 +271,11 @@ async fn time_travel_at(
 
 #[cfg(test)]
 mod tests {
+    use std::process::Command;
+
     use super::*;
     use crate::data::DATA_KEY;
+    use crate::server::with_data_keys;
 
     #[test]
     fn the_data_loaded_is_sealed_as_the_servers_read_it() {
