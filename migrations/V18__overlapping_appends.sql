@@ -19,6 +19,11 @@
 -- transaction (PreCommit_Notify's database-wide lock). The service announces appends itself, from
 -- a transaction of its own, after each commit (store::log::announce).
 
+-- No append of the previous version commits while the sequence is seeded (its appends insert under
+-- ROW EXCLUSIVE): once this migration commits, they go through the new append_to_log. Its readers
+-- are another matter: stop every process of the previous version before migrating (docs/scaling.md).
+LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
+
 CREATE SEQUENCE event_positions AS bigint MINVALUE 1;
 SELECT CASE WHEN max(position) IS NULL THEN setval('event_positions', 1, false)
             ELSE setval('event_positions', max(position)) END
@@ -149,8 +154,11 @@ DECLARE
     fresh integer;
     sha bytea;
     first_position bigint;
-    received timestamptz := clock_timestamp();
+    received timestamptz;
 BEGIN
+    IF coalesce(cardinality(new_bodies), 0) = 0 THEN
+        RETURN;
+    END IF;
     -- The sha256 of each body as received: the caller's when the body is sealed (V16).
     SELECT array_agg(CASE WHEN substring(b.body FROM 1 FOR 1) = '\xae'::bytea THEN new_sha256s[b.i]
                           ELSE sha256(b.body) END ORDER BY b.i)
@@ -161,6 +169,8 @@ BEGIN
     FOREACH sha IN ARRAY (SELECT array_agg(DISTINCT s ORDER BY s) FROM unnest(shas) s) LOOP
         PERFORM pg_advisory_xact_lock(('x' || encode(substring(sha FROM 1 FOR 8), 'hex'))::bit(64)::bigint);
     END LOOP;
+    -- After those waits: a redelivery is received after the original it waited for.
+    received := clock_timestamp();
     SELECT array_agg(p.logged ORDER BY p.i), array_agg(p.i = p.first_i ORDER BY p.i)
       INTO logged, firsts
       FROM (SELECT t.i,

@@ -346,6 +346,49 @@ async fn long_running_aborted_and_killed_appends_never_make_a_reader_skip_an_eve
     assert!(out.contains(&line), "{out}");
 }
 
+/// A follower of an account's events or changes over HTTP is not shown a position committed
+/// ahead of one still being appended: the page ends below it until it settles.
+#[tokio::test]
+async fn the_log_pages_of_the_api_stop_below_an_append_still_in_flight() {
+    let app = spawn_app().await;
+    let (account, user) = (Uuid::new_v4(), Uuid::new_v4());
+    let (first, _) = app.deliver(&refinement(account, user, 1)).await;
+    let (long, second) = open_append(&app.pool, &refinement(account, user, 2)).await;
+    let (third, _) = app.deliver(&refinement(account, user, 3)).await;
+    assert_eq!((first, second, third), (1, 2, 3));
+    let positions = |page: serde_json::Value, key: &str| -> Vec<i64> {
+        page[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["position"].as_i64().unwrap())
+            .collect()
+    };
+    let pages = [
+        (format!("/v1/accounts/{account}/events"), "events"),
+        (format!("/v1/accounts/{account}/changes"), "changes"),
+        ("/v1/events".to_owned(), "events"),
+    ];
+    for (path, key) in &pages {
+        let page: serde_json::Value = app.get(path).await.json().await.unwrap();
+        assert_eq!(
+            positions(page, key),
+            [first],
+            "{path} while #2 is in flight"
+        );
+    }
+    long.commit().await.unwrap();
+    for (path, key) in &pages {
+        let page: serde_json::Value = app.get(path).await.json().await.unwrap();
+        assert_eq!(
+            positions(page, key),
+            [first, second, third],
+            "{path} once #2 settled"
+        );
+    }
+    assert_eq!(pages.len(), 3);
+}
+
 #[tokio::test]
 async fn more_than_one_projector_partition_is_refused_at_start_not_ignored() {
     let database_url = migrated_database().await;

@@ -374,15 +374,29 @@ pub(crate) async fn account_changes(
     let account = parse_id(&raw, "account_id")?;
     let (after, limit) = Params::parse(query.as_deref())?.page()?;
     let mut conn = state.db.acquire().await?;
+    // Only settled positions: a follower of `next_after` never skips a change that commits late
+    // at a lower position (the store crate's docs).
+    let settled = Until {
+        position: Some(store::log::horizon(&mut conn).await?),
+        received_at: None,
+    };
     if let Some(erasure) = store::keys::erased_at(&mut conn, account).await? {
-        let changes =
-            erased_changes(&mut conn, &state.vault, account, erasure, after, limit).await?;
+        let changes = erased_changes(
+            &mut conn,
+            &state.vault,
+            account,
+            erasure,
+            settled,
+            after,
+            limit,
+        )
+        .await?;
         conn.release();
         return Ok(Json(changes));
     }
     // The fold streams from the account's first event (the resource before `after` is needed for
     // the first patch), holding one snapshot; only this page's patches are built.
-    let mut events = store::log::account_history(&mut conn, &state.vault, account, Until::END);
+    let mut events = store::log::account_history(&mut conn, &state.vault, account, settled);
     let mut snapshot: Option<AccountSnapshot> = None;
     let mut changes = vec![];
     let mut next_after = None;
@@ -423,6 +437,7 @@ async fn erased_changes(
     vault: &store::keys::Vault,
     account: Uuid,
     erasure: i64,
+    settled: Until,
     after: i64,
     limit: i64,
 ) -> Result<Changes, Problem> {
@@ -446,7 +461,7 @@ async fn erased_changes(
     };
     let mut changes = vec![];
     let mut next_after = None;
-    let mut events = store::log::account_history(conn, vault, account, Until::END);
+    let mut events = store::log::account_history(conn, vault, account, settled);
     while let Some(stored) = events.try_next().await? {
         if stored.position <= after || !changed.contains(&stored.position) {
             continue;

@@ -678,9 +678,16 @@ pub(crate) async fn health(
             )
         })
     };
-    let leader = named(holder(&mut conn, Lock::Leader).await?);
-    let enricher = named(holder(&mut conn, Lock::Enricher).await?);
-    let notifier = named(holder(&mut conn, Lock::Notifier).await?);
+    // Who leads is in the primary's locks (a replica has none of them).
+    let mut primary = state
+        .sessions
+        .acquire()
+        .await
+        .map_err(crate::Problem::from)?;
+    let leader = named(holder(&mut primary, Lock::Leader).await?);
+    let enricher = named(holder(&mut primary, Lock::Enricher).await?);
+    let notifier = named(holder(&mut primary, Lock::Notifier).await?);
+    primary.release();
     let quarantined = store::quarantine::count(&mut conn).await?;
     let quarantine = store::quarantine::page(&mut conn, &state.vault, 0, HEALTH_QUARANTINE).await?;
     let enricher_scanned = store::checkpoints::get(&mut conn, store::checkpoints::ENRICHER).await?;
