@@ -125,7 +125,7 @@ async fn the_query_api_feed_and_pages_read_the_replica_and_wait_for_what_it_has_
 
     // A feed follower long-polls past the first change; it hears of the second once the replica
     // replays it, and min_position is then served.
-    let follower = tokio::spawn({
+    let mut follower = tokio::spawn({
         let client = reqwest::Client::new();
         let url = format!("{}/v1/feed?after={first}&wait=20s", app.address);
         async move {
@@ -134,8 +134,13 @@ async fn the_query_api_feed_and_pages_read_the_replica_and_wait_for_what_it_has_
             page
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await; // the follower is waiting, not done
-    assert!(!follower.is_finished(), "nothing new on the replica yet");
+    // Nothing new on the replica yet: the follower's page does not come (an absence, so a bound).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut follower)
+            .await
+            .is_err(),
+        "the follower waits while the replica has nothing new"
+    );
     on_replica(&server, "SELECT pg_wal_replay_resume()::text").await;
     let page = tokio::time::timeout(Duration::from_secs(15), follower)
         .await

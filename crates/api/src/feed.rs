@@ -71,6 +71,15 @@ async fn keep_current(pool: PgPool, sender: watch::Sender<i64>) {
     }
 }
 
+/// Moves the checkpoint the receivers see up to `position` (never down), waking them if it moved.
+fn raise(sender: &watch::Sender<i64>, position: i64) {
+    sender.send_if_modified(|c| {
+        let moved = position > *c;
+        *c = (*c).max(position);
+        moved
+    });
+}
+
 /// Reads the replica's checkpoint every `interval` until nobody can ask any more.
 async fn poll_current(pool: PgPool, interval: Duration, sender: watch::Sender<i64>) {
     let read = async || -> store::Result<i64> {
@@ -82,11 +91,7 @@ async fn poll_current(pool: PgPool, interval: Duration, sender: watch::Sender<i6
         match read().await {
             Ok(position) => {
                 failing = false;
-                sender.send_if_modified(|c| {
-                    let moved = position > *c;
-                    *c = (*c).max(position);
-                    moved
-                });
+                raise(&sender, position);
             }
             Err(error) if !failing => {
                 failing = true;
@@ -109,13 +114,7 @@ async fn listen(pool: &PgPool, sender: &watch::Sender<i64>) -> store::Result<()>
         let mut conn = store::acquire(pool).await?;
         checkpoints::get(&mut conn, PROJECTION).await?
     };
-    let advance = |position: i64| {
-        sender.send_if_modified(|c| {
-            let moved = position > *c;
-            *c = (*c).max(position);
-            moved
-        });
-    };
+    let advance = |position: i64| raise(sender, position);
     advance(current);
     loop {
         let (name, position) = notifications.next().await?;
