@@ -229,7 +229,7 @@ async fn long_running_aborted_and_killed_appends_never_make_a_reader_skip_an_eve
     let (account, user) = (Uuid::new_v4(), Uuid::new_v4());
     let mut projector = pool.acquire().await.unwrap();
     let mut fold = async || {
-        projector::run_batch(&mut projector, &vault, 100)
+        projector::run_batch(&mut projector, &vault, store::partitions::Part::WHOLE, 100)
             .await
             .unwrap()
     };
@@ -387,29 +387,6 @@ async fn the_log_pages_of_the_api_stop_below_an_append_still_in_flight() {
         );
     }
     assert_eq!(pages.len(), 3);
-}
-
-#[tokio::test]
-async fn more_than_one_projector_partition_is_refused_at_start_not_ignored() {
-    let database_url = migrated_database().await;
-    let cases = ["3", "0", "two"];
-    for partitions in cases {
-        let (code, _, err) = run_binary(
-            &database_url,
-            &[
-                "serve",
-                "--role",
-                "projector",
-                "--listen-addr",
-                "127.0.0.1:0",
-            ],
-            &[("PROJECTOR_PARTITIONS", partitions)],
-        )
-        .await;
-        assert_ne!(code, 0, "PROJECTOR_PARTITIONS={partitions}: {err}");
-        assert!(err.contains("PROJECTOR_PARTITIONS"), "{err}");
-    }
-    assert_eq!(cases.len(), 3);
 }
 
 #[tokio::test]

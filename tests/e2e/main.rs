@@ -14,6 +14,7 @@ mod hostile;
 mod ingest;
 mod never_stall;
 mod notifier;
+mod partitions;
 mod projection;
 mod reconcile;
 mod reliability;

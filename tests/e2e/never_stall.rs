@@ -62,6 +62,7 @@ async fn assert_verify_agrees(pool: &sqlx::PgPool) {
         pool,
         &test_support::vault(),
         None,
+        None,
         &projector::rebuild::Silent,
     )
     .await
@@ -223,6 +224,7 @@ async fn every_named_class_of_odd_event_is_logged_and_applied_or_quarantined_whi
     projector::rebuild::rebuild_all(
         &app.pool,
         &test_support::vault(),
+        None,
         &projector::rebuild::Silent,
     )
     .await
@@ -355,9 +357,14 @@ async fn a_snapshot_the_database_refuses_mid_batch_quarantines_exactly_its_event
     let head = head(&app.pool).await;
     let mut batches = 0;
     while checkpoint(&app.pool).await < head {
-        projector::run_batch(&mut conn, &test_support::vault(), 1000)
-            .await
-            .unwrap();
+        projector::run_batch(
+            &mut conn,
+            &test_support::vault(),
+            store::partitions::Part::WHOLE,
+            1000,
+        )
+        .await
+        .unwrap();
         batches += 1;
         assert!(batches < 40, "the projector keeps moving");
     }
@@ -391,6 +398,7 @@ async fn a_snapshot_the_database_refuses_mid_batch_quarantines_exactly_its_event
     projector::rebuild::rebuild_all(
         &app.pool,
         &test_support::vault(),
+        None,
         &projector::rebuild::Silent,
     )
     .await
@@ -419,6 +427,7 @@ async fn a_rebuild_isolates_a_snapshot_the_database_refuses_as_the_projector_doe
     projector::rebuild::rebuild_all(
         &app.pool,
         &test_support::vault(),
+        None,
         &projector::rebuild::Silent,
     )
     .await

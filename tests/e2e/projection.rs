@@ -220,9 +220,14 @@ async fn a_burst_of_a_thousand_refinements_writes_the_snapshot_once() {
         append_direct(&pool, &refinement(account, user, step)).await;
     }
     let mut conn = pool.acquire().await.unwrap();
-    let outcome = projector::run_batch(&mut conn, &test_support::vault(), 1000)
-        .await
-        .unwrap();
+    let outcome = projector::run_batch(
+        &mut conn,
+        &test_support::vault(),
+        store::partitions::Part::WHOLE,
+        1000,
+    )
+    .await
+    .unwrap();
     assert_eq!(outcome.events, 1000);
     assert_eq!(outcome.snapshots_written, 1);
     assert_eq!(outcome.checkpoint, 1000);
@@ -235,10 +240,15 @@ async fn a_burst_of_a_thousand_refinements_writes_the_snapshot_once() {
     assert_eq!(snapshot.version, 1000);
     assert_eq!(snapshot.resource.unwrap().value()["step"], 999);
     assert_eq!(
-        projector::run_batch(&mut conn, &test_support::vault(), 1000)
-            .await
-            .unwrap()
-            .events,
+        projector::run_batch(
+            &mut conn,
+            &test_support::vault(),
+            store::partitions::Part::WHOLE,
+            1000
+        )
+        .await
+        .unwrap()
+        .events,
         0,
         "nothing left"
     );
@@ -296,11 +306,17 @@ async fn the_sql_filter_of_folded_events_is_the_rust_rule() {
     let mut conn = pool.acquire().await.unwrap();
     let vault = test_support::vault();
     let head = store::log::head(&mut conn).await.unwrap();
-    let by_sql: Vec<String> = store::log::account_events_by_account(&mut conn, &vault, head, None)
-        .map_ok(|stored| stored.event)
-        .try_collect()
-        .await
-        .unwrap();
+    let by_sql: Vec<String> = store::log::account_events_by_account(
+        &mut conn,
+        &vault,
+        head,
+        None,
+        store::partitions::Part::WHOLE,
+    )
+    .map_ok(|stored| stored.event)
+    .try_collect()
+    .await
+    .unwrap();
     let mut by_sql = by_sql;
     by_sql.sort();
     let mut by_rust: Vec<String> = names

@@ -406,8 +406,13 @@ pub(crate) struct RebuildArgs {
     pub(crate) verify: bool,
 
     /// Only this account.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", conflicts_with = "partition")]
     pub(crate) account: Option<Uuid>,
+
+    /// Only the accounts of this partition of the projection (0 to PROJECTOR_PARTITIONS - 1, as
+    /// the projection is laid out now; `status` lists them). Without it: every partition.
+    #[arg(long, value_name = "I")]
+    pub(crate) partition: Option<u16>,
 
     #[command(flatten)]
     pub(crate) keys: KeyArgs,
@@ -650,9 +655,11 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "ERASE_REMOVED_AFTER", default_value_t = Interval(defaults().projector.erase_removed_after), value_parser = interval)]
     pub(crate) erase_removed_after: Interval,
 
-    /// Hash partitions of the projection. This version folds the log as one partition: any
-    /// other number is refused at start rather than ignored (docs/scaling.md).
-    #[arg(long, env = "PROJECTOR_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Hash partitions of the projection (1 to 64), each with its own checkpoint and leader;
+    /// several projector processes share them. Every projector of a database must use the same
+    /// number: one with another waits until the others stop, then lays the projection out again
+    /// (docs/scaling.md).
+    #[arg(long, env = "PROJECTOR_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=i64::from(store::partitions::MAX_PARTITIONS)))]
     pub(crate) projector_partitions: u16,
 
     #[command(flatten)]
@@ -662,12 +669,6 @@ pub(crate) struct ServeArgs {
 impl ServeArgs {
     /// The service's settings: these arguments over the defaults of [`Settings::new`].
     pub(crate) fn into_settings(self, database_url: String) -> anyhow::Result<Settings> {
-        anyhow::ensure!(
-            self.projector_partitions == 1,
-            "PROJECTOR_PARTITIONS={} is not supported by this version, which folds the log as one \
-             partition (one leader, standbys take over); see docs/scaling.md",
-            self.projector_partitions
-        );
         let mut settings = Settings::new(database_url);
         settings.role = self.role;
         settings.listen_addr = self.listen_addr;
@@ -691,6 +692,7 @@ impl ServeArgs {
         settings.shutdown_grace = self.shutdown_grace.into();
         settings.projector.batch_size = self.batch_size;
         settings.projector.poll_interval = self.poll_interval.into();
+        settings.projector.partitions = self.projector_partitions;
         settings.argyle = self.argyle.api()?;
         settings.enricher.window = self.enrich_window.into();
         settings.enricher.rate = self.enrich_rate;

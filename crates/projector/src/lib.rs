@@ -18,17 +18,17 @@
 #![forbid(unsafe_code)]
 
 pub mod erase;
+pub mod layout;
 pub mod rebuild;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use domain::{AccountSnapshot, EventKind};
-use store::checkpoints::{self, PROJECTION as CHECKPOINT};
 use store::keys::Vault;
 use store::leader::run_as_leader;
-use store::locks::Lock;
 use store::log::{AppendNotifications, StoredEvent};
+use store::partitions::{self, Part};
 use store::quarantine::{Refusal, RefusedBy};
 use store::snapshots::Table;
 use store::{PgConnection, PgPool};
@@ -46,6 +46,9 @@ pub struct ProjectorConfig {
     pub retry_interval: Duration,
     /// `ERASE_REMOVED_AFTER`: the leader erases accounts this long after their removal.
     pub erase_removed_after: Option<Duration>,
+    /// `PROJECTOR_PARTITIONS`: hash partitions of the projection, each with its own checkpoint
+    /// and leader (1: the whole projection, one leader).
+    pub partitions: u16,
 }
 
 impl Default for ProjectorConfig {
@@ -55,6 +58,7 @@ impl Default for ProjectorConfig {
             poll_interval: Duration::from_secs(1),
             retry_interval: Duration::from_millis(500),
             erase_removed_after: None,
+            partitions: 1,
         }
     }
 }
@@ -77,7 +81,7 @@ pub struct BatchOutcome {
 /// Runs the projector until `shutdown` fires, surviving database outages.
 pub async fn run(pool: PgPool, vault: Vault, config: ProjectorConfig, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
-        match lead(&pool, &vault, &config, &shutdown).await {
+        match lead_every_part(&pool, &vault, &config, &shutdown).await {
             Ok(()) => break,
             Err(error) => {
                 if error.is_unavailable() {
@@ -95,20 +99,39 @@ pub async fn run(pool: PgPool, vault: Vault, config: ProjectorConfig, shutdown: 
     tracing::info!("projector stopped");
 }
 
-async fn lead(
+/// Waits until the stored layout is this projector's ([`layout::settle`]), then stands by for
+/// every part at once, leading each it can lock. The first error ends them all (their sessions,
+/// and so their locks, close with them), and [`run`] starts again.
+async fn lead_every_part(
     pool: &PgPool,
     vault: &Vault,
     config: &ProjectorConfig,
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
+    if !layout::settle(pool, vault, config, shutdown).await? {
+        return Ok(());
+    }
+    let leaders =
+        Part::all(config.partitions).map(|part| lead(pool, vault, config, part, shutdown));
+    futures_util::future::try_join_all(leaders).await?;
+    Ok(())
+}
+
+async fn lead(
+    pool: &PgPool,
+    vault: &Vault,
+    config: &ProjectorConfig,
+    part: Part,
+    shutdown: &CancellationToken,
+) -> store::Result<()> {
     let standing_by = || {
-        metrics::gauge!("projector_leader").set(0.0);
-        tracing::info!("another projector is leading; standing by");
+        leader_gauge(part, false);
+        tracing::info!(%part, "another projector is leading; standing by");
     };
-    let lead = |conn| follow_the_log(conn, pool, vault, config, shutdown);
+    let lead = |conn| follow_the_log(conn, pool, vault, config, part, shutdown);
     run_as_leader(
         pool,
-        Lock::Leader,
+        part.lock(),
         config.retry_interval,
         shutdown,
         standing_by,
@@ -117,23 +140,35 @@ async fn lead(
     .await
 }
 
-/// Folds the log as the leader, on the session that holds the leader lock, until `shutdown`.
+/// `projector_leader`, per partition when there are several.
+fn leader_gauge(part: Part, leads: bool) {
+    let value = if leads { 1.0 } else { 0.0 };
+    if part.is_whole() {
+        metrics::gauge!("projector_leader").set(value);
+    } else {
+        metrics::gauge!("projector_leader", "partition" => part.index.to_string()).set(value);
+    }
+}
+
+/// Folds the log as the leader of `part`, on the session that holds its lock, until `shutdown`.
 async fn follow_the_log(
     conn: PgConnection,
     pool: &PgPool,
     vault: &Vault,
     config: &ProjectorConfig,
+    part: Part,
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
-    tracing::info!("projector is the leader");
-    metrics::gauge!("projector_leader").set(1.0);
-    let _not_leader = NotLeaderOnDrop;
-    let folding = fold_the_log(conn, pool, vault, config, shutdown);
-    let Some(after) = config.erase_removed_after else {
+    tracing::info!(%part, "projector is the leader");
+    leader_gauge(part, true);
+    let _not_leader = NotLeaderOnDrop(part);
+    let folding = fold_the_log(conn, pool, vault, config, part, shutdown);
+    // Scheduled erasure runs beside the fold of the first part while this process leads it.
+    let after = config.erase_removed_after.filter(|_| part.index == 0);
+    let Some(after) = after else {
         return folding.await;
     };
-    // Scheduled erasure runs beside the fold while this process leads; its error ends the
-    // leadership like the fold's, and the standby loop takes over.
+    // Its error ends the leadership like the fold's, and the standby loop takes over.
     tokio::select! {
         outcome = folding => outcome,
         Err(error) = erase::on_schedule(pool, vault, after, shutdown) => Err(error),
@@ -145,27 +180,36 @@ async fn fold_the_log(
     pool: &PgPool,
     vault: &Vault,
     config: &ProjectorConfig,
+    part: Part,
     shutdown: &CancellationToken,
 ) -> store::Result<()> {
     let mut notifications = AppendNotifications::subscribe(pool).await?;
     loop {
         loop {
             if shutdown.is_cancelled() {
-                store::locks::unlock(&mut conn, Lock::Leader).await?;
+                store::locks::unlock(&mut conn, part.lock()).await?;
                 return Ok(());
             }
-            let outcome = run_batch(&mut conn, vault, config.batch_size).await?;
+            let outcome = run_batch(&mut conn, vault, part, config.batch_size).await?;
             if outcome.events > 0 {
-                tracing::debug!(?outcome, "batch folded");
+                tracing::debug!(%part, ?outcome, "batch folded");
             }
             let head = store::log::head(&mut conn).await?;
+            let lag = (head - outcome.checkpoint).max(0) as f64;
             metrics::gauge!("log_head_position").set(head as f64);
-            metrics::gauge!("projector_checkpoint_position").set(outcome.checkpoint as f64);
-            metrics::gauge!("projector_lag_events").set((head - outcome.checkpoint).max(0) as f64);
+            if part.is_whole() {
+                metrics::gauge!("projector_checkpoint_position").set(outcome.checkpoint as f64);
+                metrics::gauge!("projector_lag_events").set(lag);
+            } else {
+                let partition = part.index.to_string();
+                metrics::gauge!("projector_checkpoint_position", "partition" => partition.clone())
+                    .set(outcome.checkpoint as f64);
+                metrics::gauge!("projector_lag_events", "partition" => partition).set(lag);
+            }
             // Caught up with what is settled, not merely a short batch: a batch cut short by a
             // refusal goes on at once. Events past the horizon wait for the appends before them
             // (their commit announces itself; an abort is seen at the next poll).
-            if outcome.events == 0 || outcome.checkpoint >= outcome.horizon {
+            if outcome.checkpoint >= outcome.horizon {
                 break;
             }
         }
@@ -177,17 +221,17 @@ async fn fold_the_log(
     }
 }
 
-/// Resets `projector_leader` when leadership ends, however it ends.
-struct NotLeaderOnDrop;
+/// Resets `projector_leader` when leadership of a part ends, however it ends.
+struct NotLeaderOnDrop(Part);
 
 impl Drop for NotLeaderOnDrop {
     fn drop(&mut self) {
-        metrics::gauge!("projector_leader").set(0.0);
+        leader_gauge(self.0, false);
     }
 }
 
-/// Folds the next batch after the checkpoint and commits the changed snapshots with the new
-/// checkpoint. `conn` must be the leader's connection.
+/// Folds `part`'s next batch after its checkpoint and commits the changed snapshots with the new
+/// checkpoint. `conn` must be the connection holding `part`'s lock.
 ///
 /// # No single event stops the projector
 /// When the database refuses the batch's writes ([`store::Error::is_refusal`]: a value it cannot
@@ -195,15 +239,16 @@ impl Drop for NotLeaderOnDrop {
 /// size, and again, until the one event whose snapshot cannot be written is alone; that event is
 /// quarantined with the database's reason ([`RefusedBy::Store`]) and the checkpoint moves past it.
 /// Any other error (connection lost, serialization) is returned, and the same batch is retried.
-#[tracing::instrument(skip(conn))]
+#[tracing::instrument(skip(conn, vault))]
 pub async fn run_batch(
     conn: &mut PgConnection,
     vault: &Vault,
+    part: Part,
     batch_size: i64,
 ) -> store::Result<BatchOutcome> {
     let mut size = batch_size.max(1);
     loop {
-        match try_batch(conn, vault, size).await {
+        match try_batch(conn, vault, part, size, i64::MAX).await {
             Ok(outcome) => return Ok(outcome),
             Err(Attempt::Refused { events, error, .. }) if events > 1 => {
                 size = (events as i64 / 2).max(1);
@@ -211,7 +256,7 @@ pub async fn run_batch(
                     "the database refused a batch's snapshots; retrying it in smaller parts");
             }
             Err(Attempt::Refused { first, error, .. }) => {
-                return quarantine_alone(conn, vault, &first, &error).await;
+                return quarantine_alone(conn, vault, part, &first, &error).await;
             }
             Err(Attempt::Failed(error)) => return Err(error),
         }
@@ -235,28 +280,41 @@ impl From<store::Error> for Attempt {
     }
 }
 
+/// One batch of `part` up to the horizon, and never past `up_to` (laying out again folds the
+/// lagging parts up to a common position, no further).
 async fn try_batch(
     conn: &mut PgConnection,
     vault: &Vault,
+    part: Part,
     batch_size: i64,
+    up_to: i64,
 ) -> Result<BatchOutcome, Attempt> {
     let mut tx = store::begin(conn).await?;
     // The horizon first, in a statement before the reads (READ COMMITTED: each statement sees
     // every commit before it; see the store crate's docs). Settling it here shares the batch's
-    // commit (one WAL flush, not two).
-    let horizon = store::log::settle(&mut tx).await?;
-    let checkpoint = checkpoints::lock(&mut tx, CHECKPOINT).await?;
-    let events = store::log::read_after(&mut tx, vault, checkpoint, horizon, batch_size).await?;
-    let Some(last) = events.last().map(|e| e.position) else {
-        // Committed, not rolled back: what settling recorded (abandoned positions) stays.
-        store::commit(tx).await?;
-        return Ok(BatchOutcome {
-            checkpoint,
-            horizon,
-            ..BatchOutcome::default()
-        });
+    // commit (one WAL flush, not two). One part settles: the others would queue on `log_settled`.
+    let horizon = if part.index == 0 {
+        store::log::settle(&mut tx).await?
+    } else {
+        store::log::horizon(&mut tx).await?
+    }
+    .min(up_to);
+    let checkpoint = partitions::lock(&mut tx, part).await?;
+    let events =
+        store::log::read_part_after(&mut tx, vault, part, checkpoint, horizon, batch_size).await?;
+    // A short batch is everything of the part up to the horizon: the checkpoint moves there (a
+    // partition's events are sparse, and an abandoned position is nobody's).
+    let last = if (events.len() as i64) < batch_size {
+        horizon.max(checkpoint)
+    } else {
+        events.last().map_or(checkpoint, |e| e.position)
     };
-    let (snapshots_written, refused) = match fold_into(&mut tx, vault, Table::Live, &events).await {
+    let folded = if events.is_empty() {
+        Ok((0, 0))
+    } else {
+        fold_into(&mut tx, vault, Table::Live, &events).await
+    };
+    let (snapshots_written, refused) = match folded {
         Ok(written) => written,
         Err(error) if error.is_refusal() => {
             return Err(Attempt::Refused {
@@ -267,17 +325,18 @@ async fn try_batch(
         }
         Err(error) => return Err(error.into()),
     };
-    checkpoints::advance(&mut tx, CHECKPOINT, checkpoint, last).await?;
+    if last > checkpoint {
+        partitions::advance(&mut tx, part, checkpoint, last).await?;
+    }
+    // Committed even when nothing was read: what settling recorded (abandoned positions) stays.
     store::commit(tx).await?;
-    let newest = events
-        .last()
-        .map(|e| e.received_at)
-        .unwrap_or_else(chrono::Utc::now);
-    let lag = (chrono::Utc::now() - newest).to_std().unwrap_or_default();
-    metrics::gauge!("projector_lag_seconds").set(lag.as_secs_f64());
-    metrics::histogram!("projector_batch_events").record(events.len() as f64);
-    metrics::counter!("snapshot_writes_total").increment(snapshots_written as u64);
-    metrics::counter!("quarantined_events_total").increment(refused as u64);
+    if let Some(newest) = events.last().map(|e| e.received_at) {
+        let lag = (chrono::Utc::now() - newest).to_std().unwrap_or_default();
+        metrics::gauge!("projector_lag_seconds").set(lag.as_secs_f64());
+        metrics::histogram!("projector_batch_events").record(events.len() as f64);
+        metrics::counter!("snapshot_writes_total").increment(snapshots_written as u64);
+        metrics::counter!("quarantined_events_total").increment(refused as u64);
+    }
     Ok(BatchOutcome {
         events: events.len(),
         snapshots_written,
@@ -287,11 +346,33 @@ async fn try_batch(
     })
 }
 
+/// Folds `part` up to `up_to` (at most its horizon): what laying out again needs of a lagging part.
+pub(crate) async fn fold_up_to(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    part: Part,
+    batch_size: i64,
+    up_to: i64,
+) -> store::Result<i64> {
+    loop {
+        let outcome = match try_batch(conn, vault, part, batch_size, up_to).await {
+            Ok(outcome) => outcome,
+            // A refused batch is quarantined through the running projector's path.
+            Err(Attempt::Refused { .. }) => run_batch(conn, vault, part, 1).await?,
+            Err(Attempt::Failed(error)) => return Err(error),
+        };
+        if outcome.checkpoint >= up_to || outcome.checkpoint >= outcome.horizon {
+            return Ok(outcome.checkpoint);
+        }
+    }
+}
+
 /// Quarantines `event`, the first after the checkpoint, whose snapshot the database refused to
 /// write even alone, and moves the checkpoint past it.
 async fn quarantine_alone(
     conn: &mut PgConnection,
     vault: &Vault,
+    part: Part,
     event: &StoredEvent,
     error: &store::Error,
 ) -> store::Result<BatchOutcome> {
@@ -299,10 +380,10 @@ async fn quarantine_alone(
     tracing::warn!(position = event.position, account = ?event.account_id, event = %event.event,
         %reason, "event quarantined: the database refused its snapshot");
     let mut tx = store::begin(conn).await?;
-    let checkpoint = checkpoints::lock(&mut tx, CHECKPOINT).await?;
+    let checkpoint = partitions::lock(&mut tx, part).await?;
     let refusal = Refusal::by_store(event, error);
     store::quarantine::record(&mut tx, vault, std::slice::from_ref(&refusal)).await?;
-    checkpoints::advance(&mut tx, CHECKPOINT, checkpoint, event.position).await?;
+    partitions::advance(&mut tx, part, checkpoint, event.position).await?;
     store::commit(tx).await?;
     metrics::counter!("quarantined_events_total").increment(1);
     Ok(BatchOutcome {

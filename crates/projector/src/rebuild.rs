@@ -17,9 +17,9 @@
 
 use futures_util::TryStreamExt;
 use store::PgPool;
-use store::checkpoints::PROJECTION as CHECKPOINT;
 use store::keys::Vault;
 use store::log::StoredEvent;
+use store::partitions::{self, Part};
 use store::quarantine::Refusal;
 use store::snapshots::Table;
 use uuid::Uuid;
@@ -51,6 +51,8 @@ impl Progress for Silent {
 pub enum RebuildError {
     #[error("another rebuild is running")]
     Busy,
+    #[error("no partition {index}: the projection is laid out in {partitions} partition(s) (0 to {})", partitions - 1)]
+    NoSuchPartition { index: u16, partitions: u16 },
     #[error(transparent)]
     Store(#[from] store::Error),
 }
@@ -119,6 +121,7 @@ const WRITE_BATCH: usize = 1000;
 pub async fn rebuild_all(
     pool: &PgPool,
     vault: &Vault,
+    partition: Option<u16>,
     progress: &dyn Progress,
 ) -> Result<RebuildReport, RebuildError> {
     // Held for the whole rebuild: a second rebuild would share the shadow table.
@@ -128,16 +131,17 @@ pub async fn rebuild_all(
     }
     let mut writer = store::acquire(pool).await?;
     store::snapshots::clear(&mut writer, Table::Rebuild).await?;
+    let scope = scope(&mut writer, partition).await?;
 
     let mut reader = store::acquire(pool).await?;
     // The horizon before the snapshot: every event up to it is in the snapshot (store crate docs).
     let head = store::log::horizon(&mut reader).await?;
     let mut read = store::begin_consistent_read(&mut reader).await?;
-    let total = store::log::count_account_events(&mut read, head, None).await?;
+    let total = store::log::count_account_events(&mut read, head, None, scope).await?;
     progress.start(total as u64);
     let mut events = 0u64;
     {
-        let mut stream = store::log::account_events_by_account(&mut read, vault, head, None);
+        let mut stream = store::log::account_events_by_account(&mut read, vault, head, None, scope);
         let mut folder = AccountFolder::default();
         let mut buffer = Vec::with_capacity(WRITE_BATCH);
         while let Some(stored) = stream.try_next().await? {
@@ -163,33 +167,51 @@ pub async fn rebuild_all(
     store::commit(read).await?;
     progress.finish();
 
-    // The swap: holding the checkpoint row pauses the live projector between batches.
+    // The swap: holding the checkpoint rows pauses the live projector between batches.
     let mut swap = store::begin(&mut writer).await?;
-    let checkpoint = store::checkpoints::lock(&mut swap, CHECKPOINT).await?;
+    let parts = lock_parts(&mut swap, scope).await?;
     let mut folded_to = head;
-    while folded_to < checkpoint {
-        // The live projector folded only settled positions, so everything up to its checkpoint
-        // is visible here.
+    let live_to = parts.iter().map(|&(_, c)| c).max().unwrap_or(head);
+    while folded_to < live_to {
+        // The live projector folded only settled positions, so everything up to its checkpoints
+        // is visible here: each part's accounts up to that part's checkpoint.
         let batch =
-            store::log::read_after(&mut swap, vault, folded_to, checkpoint, WRITE_BATCH as i64)
+            store::log::read_after(&mut swap, vault, folded_to, live_to, WRITE_BATCH as i64)
                 .await?;
         let Some(last) = batch.last().map(|e| e.position) else {
             break;
         };
-        fold_into(&mut swap, vault, Table::Rebuild, &batch).await?;
+        let theirs: Vec<StoredEvent> = batch
+            .into_iter()
+            .filter(|e| {
+                e.account_id.is_some_and(|account| {
+                    parts.iter().any(|&(part, checkpoint)| {
+                        part.contains(account) && e.position <= checkpoint
+                    })
+                })
+            })
+            .collect();
+        fold_into(&mut swap, vault, Table::Rebuild, &theirs).await?;
         folded_to = last;
     }
-    let accounts = store::snapshots::replace_live_with_rebuild(&mut swap).await?;
-    let new_checkpoint = checkpoint.max(head);
-    if new_checkpoint != checkpoint {
-        store::checkpoints::advance(&mut swap, CHECKPOINT, checkpoint, new_checkpoint).await?;
+    let accounts = store::snapshots::replace_live_with_rebuild(&mut swap, scope).await?;
+    for &(part, checkpoint) in &parts {
+        if checkpoint < head {
+            partitions::advance(&mut swap, part, checkpoint, head).await?;
+        }
     }
     store::commit(swap).await?;
     let _ = store::locks::unlock(&mut guard, store::locks::Lock::Rebuild).await;
+    let new_checkpoint = parts
+        .iter()
+        .map(|&(_, c)| c.max(head))
+        .min()
+        .unwrap_or(head);
     tracing::info!(
         events,
         accounts,
         checkpoint = new_checkpoint,
+        partition = %scope,
         "rebuild swapped in"
     );
     Ok(RebuildReport {
@@ -197,6 +219,37 @@ pub async fn rebuild_all(
         accounts,
         checkpoint: new_checkpoint,
     })
+}
+
+/// What `--partition` names: that partition of the stored layout, or every account.
+async fn scope(
+    conn: &mut store::PgConnection,
+    partition: Option<u16>,
+) -> Result<Part, RebuildError> {
+    let Some(index) = partition else {
+        return Ok(Part::WHOLE);
+    };
+    let partitions = partitions::layout(conn).await?.partitions();
+    if index >= partitions {
+        return Err(RebuildError::NoSuchPartition { index, partitions });
+    }
+    Ok(Part {
+        index,
+        of: partitions,
+    })
+}
+
+/// Locks the checkpoints `scope` covers until the caller's transaction ends: one partition's, or
+/// every part's (the projection's too). Each part and its checkpoint.
+async fn lock_parts(
+    tx: &mut store::PgConnection,
+    scope: Part,
+) -> Result<Vec<(Part, i64)>, RebuildError> {
+    if scope.is_whole() {
+        Ok(partitions::lock_layout(tx).await?.parts().collect())
+    } else {
+        Ok(vec![(scope, partitions::lock(tx, scope).await?)])
+    }
 }
 
 /// Writes rebuilt snapshots to the shadow table. When the database refuses the whole write (see
@@ -245,7 +298,7 @@ async fn refold_alone(
     head: i64,
 ) -> Result<(), RebuildError> {
     let events: Vec<StoredEvent> =
-        store::log::account_events_by_account(writer, vault, head, Some(account))
+        store::log::account_events_by_account(writer, vault, head, Some(account), Part::WHOLE)
             .try_collect()
             .await?;
     let mut state: Option<AccountSnapshot> = None;
@@ -281,11 +334,22 @@ pub async fn rebuild_account(
 ) -> Result<RebuildReport, RebuildError> {
     let mut conn = store::acquire(pool).await?;
     let mut tx = store::begin(&mut conn).await?;
-    let checkpoint = store::checkpoints::lock(&mut tx, CHECKPOINT).await?;
+    // The account's own partition's checkpoint, locked: its leader pauses between batches.
+    let partitions = partitions::layout(&mut tx).await?.partitions();
+    let part = Part {
+        index: partitions::partition_of(account, partitions),
+        of: partitions,
+    };
+    let checkpoint = partitions::lock(&mut tx, part).await?;
     let mut events = 0u64;
     let snapshot = {
-        let mut stream =
-            store::log::account_events_by_account(&mut tx, vault, checkpoint, Some(account));
+        let mut stream = store::log::account_events_by_account(
+            &mut tx,
+            vault,
+            checkpoint,
+            Some(account),
+            Part::WHOLE,
+        );
         let mut folder = AccountFolder::default();
         while let Some(stored) = stream.try_next().await? {
             folder.push(&stored);
@@ -321,6 +385,7 @@ pub async fn verify(
     pool: &PgPool,
     vault: &Vault,
     account: Option<Uuid>,
+    partition: Option<u16>,
     progress: &dyn Progress,
 ) -> Result<Vec<Difference>, RebuildError> {
     let mut events_conn = store::acquire(pool).await?;
@@ -328,21 +393,31 @@ pub async fn verify(
     let mut events_tx = store::begin_consistent_read(&mut events_conn).await?;
     let snapshot_id = store::export_snapshot(&mut events_tx).await?;
     let mut snapshots_tx = store::begin_shared_read(&mut snapshots_conn, &snapshot_id).await?;
-    let checkpoint = store::checkpoints::get(&mut events_tx, CHECKPOINT).await?;
-    let total = store::log::count_account_events(&mut events_tx, checkpoint, account).await?;
+    let scope = scope(&mut events_tx, partition).await?;
+    // Each account up to its own partition's checkpoint, as the live projection has it.
+    let layout = partitions::layout(&mut events_tx).await?;
+    let up_to = layout.common();
+    let total = store::log::count_account_events(&mut events_tx, up_to, account, scope).await?;
     progress.start(total as u64);
 
     let mut differences = vec![];
     {
         let mut folded =
-            store::log::account_events_by_account(&mut events_tx, vault, checkpoint, account);
-        let mut live = store::snapshots::stream_live(&mut snapshots_tx, vault, account);
+            store::log::account_events_by_account(&mut events_tx, vault, up_to, account, scope);
+        let mut live = store::snapshots::stream_live(&mut snapshots_tx, vault, account)
+            .try_filter(move |s| std::future::ready(scope.contains(s.account_id)));
         let mut next_live = live.try_next().await?;
         let mut folder = AccountFolder::default();
         let mut pending: Vec<AccountSnapshot> = vec![];
         let mut events = 0u64;
         loop {
             let stored = folded.try_next().await?;
+            if let Some(e) = &stored
+                && e.account_id
+                    .is_some_and(|a| e.position > layout.checkpoint_of(a))
+            {
+                continue;
+            }
             let done = match &stored {
                 Some(stored) => {
                     events += 1;

@@ -4,7 +4,8 @@
 //! - [`migrate`]: creates the database if missing and applies the refinery migrations in `migrations/`.
 //! - [`log`]: the append-only event log: [`log::append`], [`log::read_after`], dedup of redeliveries.
 //! - [`snapshots`]: loading and saving account snapshots (live and the rebuild's shadow).
-//! - [`checkpoints`]: how far each reader of the log has got, moved with compare-and-set.
+//! - [`checkpoints`]: how far each reader of the log has got, moved with compare-and-set;
+//!   [`partitions`]: the projection's hash partitions, each with its own checkpoint and leader.
 //! - [`locks`]: every advisory lock by name; [`leader`]: [`leader::run_as_leader`], the standby
 //!   loop of every single-writer role.
 //! - [`quarantine`]: events the fold or the store refused; [`enrichment`]: the enricher's queue.
@@ -52,6 +53,7 @@ pub mod leader;
 pub mod locks;
 pub mod log;
 pub mod migrate;
+pub mod partitions;
 pub mod quarantine;
 pub mod reconcile;
 pub mod sessions;
@@ -109,6 +111,12 @@ pub enum Error {
     /// The checkpoint was not where this projector left it: another writer moved it.
     #[error("the checkpoint {name} moved from {expected}: another projector is writing")]
     Fenced { name: String, expected: i64 },
+    /// The projection is laid out in `stored` partitions, not the `wanted` of this projector
+    /// (another projector, configured with another `PROJECTOR_PARTITIONS`, laid it out again).
+    #[error(
+        "the projection is laid out in {stored} partition(s), not the {wanted} of this projector's PROJECTOR_PARTITIONS"
+    )]
+    Layout { stored: u16, wanted: u16 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -26,6 +26,9 @@ pub enum Lock {
     Reconcile,
     /// The one notifier that delivers outbound webhooks (others stand by).
     Notifier,
+    /// The one projector allowed to write one partition's snapshots (`PROJECTOR_PARTITIONS` > 1;
+    /// with one partition the projector takes [`Lock::Leader`]).
+    Partition(u16),
 }
 
 impl Lock {
@@ -37,6 +40,7 @@ impl Lock {
             Self::Enricher => 0x4150_454e_5243,  // "APENRC"
             Self::Reconcile => 0x4150_5243_4e43, // "APRCNC"
             Self::Notifier => 0x4150_4e4f_5446,  // "APNOTF"
+            Self::Partition(index) => 0x4150_5054_0000 | index as i64, // "APPT" and the index
         }
     }
 }

@@ -385,6 +385,35 @@ pub async fn read_after(
     rows_to_events(rows, vault)
 }
 
+/// [`read_after`] for one part of the projection: only the events of its accounts.
+#[tracing::instrument(skip(conn))]
+pub async fn read_part_after(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    part: crate::partitions::Part,
+    after: i64,
+    up_to: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>> {
+    if part.is_whole() {
+        return read_after(conn, vault, after, up_to, limit).await;
+    }
+    let rows: Vec<EventRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS}
+         FROM {KEYED} WHERE e.position > $1 AND e.position <= $3 AND {NOT_REFUSED_BY_STORE}
+           AND e.account_id IS NOT NULL AND projection_partition(e.account_id, $5) = $4
+         ORDER BY e.position LIMIT $2"
+    )))
+    .bind(after)
+    .bind(limit)
+    .bind(up_to)
+    .bind(i32::from(part.index))
+    .bind(i32::from(part.of))
+    .fetch_all(conn)
+    .await?;
+    rows_to_events(rows, vault)
+}
+
 /// Whether each event at `positions` opens to the body its sha256 names, read as every reader
 /// reads it: `(position, opens)`.
 pub(crate) async fn read_positions(
@@ -655,36 +684,45 @@ pub fn account_events_by_account<'c>(
     vault: &'c Vault,
     up_to: i64,
     account: Option<Uuid>,
+    part: crate::partitions::Part,
 ) -> BoxStream<'c, Result<StoredEvent>> {
     let sql = format!(
         "SELECT {EVENT_COLUMNS}, {KEY_COLUMNS} FROM {KEYED_ALL}
          WHERE e.position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR e.account_id = $2)
-           AND {NOT_REFUSED_BY_STORE}
+           AND {NOT_REFUSED_BY_STORE} AND {IN_PART}
          ORDER BY e.account_id, e.position"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(up_to)
         .bind(account)
         .bind(&FOLDED_API_ANSWERS[..])
+        .bind(i32::from(part.index))
+        .bind(i32::from(part.of))
         .fetch(conn)
         .map(move |row: sqlx::Result<EventRow>| row?.open(vault))
         .boxed()
 }
+
+/// The events of one part of the projection ($4 of $5; all of them when $5 is 1).
+const IN_PART: &str = "($5::integer <= 1 OR projection_partition(e.account_id, $5) = $4)";
 
 /// How many events [`account_events_by_account`] will yield.
 pub async fn count_account_events(
     conn: &mut PgConnection,
     up_to: i64,
     account: Option<Uuid>,
+    part: crate::partitions::Part,
 ) -> Result<i64> {
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {KEYED_ALL}
          WHERE e.position <= $1 AND {FOLDED} AND ($2::uuid IS NULL OR e.account_id = $2)
-           AND {NOT_REFUSED_BY_STORE}"
+           AND {NOT_REFUSED_BY_STORE} AND {IN_PART}"
     )))
     .bind(up_to)
     .bind(account)
     .bind(&FOLDED_API_ANSWERS[..])
+    .bind(i32::from(part.index))
+    .bind(i32::from(part.of))
     .fetch_one(conn)
     .await?)
 }

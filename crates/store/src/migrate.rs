@@ -284,6 +284,7 @@ mod tests {
         (16, "erasure", 11581139475354722505),
         (17, "ui_sessions", 8799915771757506379),
         (18, "overlapping_appends", 12009476492683981808),
+        (19, "partitioned_projection", 12134096869761682941),
     ];
 
     #[test]

@@ -234,14 +234,21 @@ pub async fn known(
 ) -> Result<()> {
     use futures_util::TryStreamExt;
     let mut tx = crate::begin_consistent_read(conn).await?;
-    let checkpoint = crate::checkpoints::get(&mut tx, crate::checkpoints::PROJECTION).await?;
+    // Each account's own partition's checkpoint: a faster partition's snapshots hold more.
+    let layout = crate::partitions::layout(&mut tx).await?;
     for snapshot in crate::snapshots::current(&mut tx, vault, accounts).await? {
         each(Known::Snapshot(snapshot));
     }
     {
-        let mut events = crate::log::stream_accounts_after(&mut tx, vault, accounts, checkpoint);
+        let mut events =
+            crate::log::stream_accounts_after(&mut tx, vault, accounts, layout.lowest());
         while let Some(event) = events.try_next().await? {
-            each(Known::Event(&event));
+            let folded = event
+                .account_id
+                .is_some_and(|account| event.position <= layout.checkpoint_of(account));
+            if !folded {
+                each(Known::Event(&event));
+            }
         }
     }
     crate::commit(tx).await

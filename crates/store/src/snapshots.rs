@@ -274,10 +274,18 @@ pub async fn delete_from(conn: &mut PgConnection, table: Table, account_id: Uuid
 
 /// Replaces every live snapshot with the rebuild's, inside the caller's transaction: readers see
 /// the old set until it commits, then the new one.
-pub async fn replace_live_with_rebuild(conn: &mut PgConnection) -> Result<u64> {
-    sqlx::query("DELETE FROM account_snapshots")
-        .execute(&mut *conn)
-        .await?;
+pub async fn replace_live_with_rebuild(
+    conn: &mut PgConnection,
+    part: crate::partitions::Part,
+) -> Result<u64> {
+    sqlx::query(
+        "DELETE FROM account_snapshots
+          WHERE $2::integer <= 1 OR projection_partition(account_id, $2) = $1",
+    )
+    .bind(i32::from(part.index))
+    .bind(i32::from(part.of))
+    .execute(&mut *conn)
+    .await?;
     let copied =
         sqlx::query("INSERT INTO account_snapshots SELECT * FROM account_snapshots_rebuild")
             .execute(&mut *conn)

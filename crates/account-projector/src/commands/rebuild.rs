@@ -1,4 +1,4 @@
-//! `rebuild [--verify] [--account ID]`: refold snapshots from the log, or compare them with it.
+//! `rebuild [--verify] [--account ID | --partition I]`: refold snapshots from the log, or compare them with it.
 
 use std::process::ExitCode;
 
@@ -12,7 +12,14 @@ pub(crate) async fn run(database_url: &str, args: RebuildArgs) -> anyhow::Result
     let pool = super::batch_pool(database_url).await?;
     if args.verify {
         let progress = progress::for_stderr("verify");
-        let differences = rebuild::verify(&pool, &vault, args.account, progress.as_ref()).await?;
+        let differences = rebuild::verify(
+            &pool,
+            &vault,
+            args.account,
+            args.partition,
+            progress.as_ref(),
+        )
+        .await?;
         for difference in &differences {
             println!("{} {}", difference.account_id, difference.fields.join(","));
         }
@@ -30,8 +37,8 @@ pub(crate) async fn run(database_url: &str, args: RebuildArgs) -> anyhow::Result
         let report = match args.account {
             Some(account) => rebuild::rebuild_account(&pool, &vault, account).await?,
             None => {
-                rebuild::rebuild_all(&pool, &vault, progress::for_stderr("rebuild").as_ref())
-                    .await?
+                let progress = progress::for_stderr("rebuild");
+                rebuild::rebuild_all(&pool, &vault, args.partition, progress.as_ref()).await?
             }
         };
         eprintln!(

@@ -31,18 +31,36 @@ pub(crate) async fn run(database_url: &str) -> anyhow::Result<ExitCode> {
     let counts = store::log::counts(&mut conn).await?;
     let snapshots = store::snapshots::count(&mut conn).await?;
     let quarantined = store::quarantine::count(&mut conn).await?;
-    let leader = store::locks::holder(&mut conn, store::locks::Lock::Leader).await?;
+    let layout = store::partitions::layout(&mut conn).await?;
     println!("log head:    {head}");
     println!(
         "checkpoint:  {checkpoint} (lag {} events)",
         head - checkpoint
     );
-    match leader {
-        Some((name, address, pid)) => println!(
-            "leader:      {name} (backend pid {pid}{})",
+    let holder = |held: Option<(String, Option<String>, i32)>| match held {
+        Some((name, address, pid)) => format!(
+            "{name} (backend pid {pid}{})",
             address.map(|a| format!(", from {a}")).unwrap_or_default()
         ),
-        None => println!("leader:      none (no projector is running)"),
+        None => "none (no projector is running)".to_owned(),
+    };
+    if layout.partitions() == 1 {
+        let leader = store::locks::holder(&mut conn, store::locks::Lock::Leader).await?;
+        println!("leader:      {}", holder(leader));
+    } else {
+        println!(
+            "partitions:  {} (the checkpoint above is the lowest of them)",
+            layout.partitions()
+        );
+        for (part, at) in layout.parts() {
+            let leader = store::locks::holder(&mut conn, part.lock()).await?;
+            println!(
+                "partition {}: checkpoint {at} (lag {} events), leader {}",
+                part.index,
+                head - at,
+                holder(leader)
+            );
+        }
     }
     println!(
         "events:      {} ({} deliveries)",
