@@ -194,6 +194,8 @@ async fn three_projector_processes_share_three_partitions_and_one_killed_at_rand
     let database_url = migrated_database().await;
     let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
     let accounts = accounts_covering(3, 3, 12);
+    // Positions are dense here (no append aborts): the last is the number of events.
+    let total = 25 * accounts.len() as i64;
     let env = |listen: &str| {
         vec![
             ("PROJECTOR_PARTITIONS".to_owned(), "3".to_owned()),
@@ -257,7 +259,7 @@ async fn three_projector_processes_share_three_partitions_and_one_killed_at_rand
                     Some(last) if page.len() == 5 => last.last_position,
                     _ => cursor.max(checkpoint),
                 };
-                if cursor >= 300 {
+                if cursor >= total {
                     return seen;
                 }
                 if page.len() < 5 {
@@ -297,7 +299,7 @@ async fn three_projector_processes_share_three_partitions_and_one_killed_at_rand
         generation += 1;
     }
     appending.await.unwrap();
-    assert_eq!(head(&pool).await, 300);
+    assert_eq!(head(&pool).await, total);
     wait_for_projection(&pool).await;
     let followed = tokio::time::timeout(PATIENCE, following)
         .await
@@ -307,7 +309,7 @@ async fn three_projector_processes_share_three_partitions_and_one_killed_at_rand
     // Every event folded exactly once, in order per account, whatever was killed when.
     let stored = stored_snapshots(&pool).await;
     assert_eq!(stored, fresh_fold(&pool).await);
-    assert_eq!(stored.len(), 12);
+    assert_eq!(stored.len(), accounts.len());
     assert!(stored.values().all(|s| s.version == 25), "{stored:?}");
     assert!(kills >= 5, "{kills}");
     // The follower never missed a change: its last view of each account is the final one.
@@ -317,7 +319,7 @@ async fn three_projector_processes_share_three_partitions_and_one_killed_at_rand
         .collect();
     assert_eq!(followed, finals);
     for (partition, partitions, position) in partition_checkpoints(&pool).await {
-        assert_eq!((partitions, position), (3, 300), "partition {partition}");
+        assert_eq!((partitions, position), (3, total), "partition {partition}");
     }
 
     // Each leader says so in its /metrics, per partition.
@@ -351,7 +353,7 @@ async fn three_projector_processes_share_three_partitions_and_one_killed_at_rand
     for index in 0..3 {
         assert!(
             status.contains(&format!(
-                "partition {index}: checkpoint 300 (lag 0 events), leader partitioned-"
+                "partition {index}: checkpoint {total} (lag 0 events), leader partitioned-"
             )),
             "{status}"
         );
@@ -552,4 +554,35 @@ async fn a_number_of_partitions_out_of_range_is_refused_at_start() {
     assert_eq!(cases.len(), 5);
     let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
     assert!(partition_checkpoints(&pool).await.is_empty());
+}
+
+#[tokio::test]
+async fn the_health_page_shows_each_partition_its_checkpoint_and_its_leader() {
+    let mut settings = test_settings().await;
+    settings.projector.partitions = 2;
+    let app = spawn_app_with(settings).await;
+    let accounts = accounts_covering(2, 1, 2);
+    for &(account, user) in &accounts {
+        app.deliver(&refinement(account, user, 1)).await;
+    }
+    app.wait_for_projection().await;
+    let head = head(&app.pool).await;
+    let health = crate::ui::get_page(&app, "/ui/health", None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        health
+            .contains(r#"<dd id="partitions">2 (the checkpoint above is the lowest of them)</dd>"#),
+        "{health}"
+    );
+    for index in 0..2 {
+        let line = format!(
+            r#"<dd id="partition-{index}">checkpoint {head} (lag 0); leader account-projector all (backend pid "#
+        );
+        assert!(health.contains(&line), "{line} in {health}");
+    }
+    assert!(!health.contains(r#"id="leader""#));
+    app.stop().await;
 }

@@ -134,7 +134,7 @@ async fn expect_sealed(pool: &store::PgPool, encrypted: bool) -> anyhow::Result<
 /// scenario's first run, flat out.
 async fn ingest(args: &Args, encrypted: bool) -> anyhow::Result<Report> {
     let url = fresh_database(args).await?;
-    let (mut server, base) = start_server_with(&args.server, &url, "ingest", encrypted)?;
+    let (mut server, base) = start_server_with(&args.server, &url, "ingest", encrypted, &[])?;
     let measured = ingest_at(args, &base, &url, encrypted).await;
     stop_server(&mut server);
     let measured = measured?;
@@ -219,7 +219,7 @@ async fn time_travel(args: &Args, encrypted: bool) -> anyhow::Result<Vec<f64>> {
     )
     .await?;
     expect_sealed(&pool, encrypted).await?;
-    let (mut server, base) = start_server_with(&args.server, &url, "all", encrypted)?;
+    let (mut server, base) = start_server_with(&args.server, &url, "all", encrypted, &[])?;
     let measured = time_travel_at(&base, &pool, account, encrypted).await;
     stop_server(&mut server);
     let times = measured?;

@@ -26,6 +26,8 @@
 //! - [`encryption`]: encryption at rest on (`DATA_KEYS`) against off (`ALLOW_PLAINTEXT_LOG`),
 //!   each on a fresh database: ingest alone, rebuild of 200,000 events over 10,000 accounts, and
 //!   time travel over an account with 10,000 events; off is each row's baseline.
+//! - [`partitions`]: the projector folding one log from position 0 with 1, 2 and 4 partitions,
+//!   against one partition in the same run.
 //! - [`growth`] (only with `--only growth`): the same figures as one log grows, each against the
 //!   first size's.
 //!
@@ -48,6 +50,7 @@ mod ingest;
 mod lag;
 mod latency;
 mod machine;
+mod partitions;
 mod pg;
 mod queries;
 mod rebuild;
@@ -101,8 +104,18 @@ struct Args {
     /// Accounts those events are spread over.
     #[arg(long, default_value_t = 10_000)]
     encryption_accounts: usize,
+    /// Events in the log the partitioned projector folds from 0.
+    #[arg(long, default_value_t = 200_000)]
+    partition_events: usize,
+    /// Accounts those events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    partition_accounts: usize,
+    /// The numbers of partitions the projector folds that log with, in order (the first is the
+    /// baseline).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    partition_counts: Vec<u16>,
     /// Run only this scenario (the others are skipped); all of them when absent.
-    #[arg(long, value_name = "SCENARIO", value_parser = ["ingest", "reconcile", "feed", "encryption", "growth"])]
+    #[arg(long, value_name = "SCENARIO", value_parser = ["ingest", "reconcile", "feed", "encryption", "partitions", "growth"])]
     only: Option<String>,
     /// The log sizes (events) `--only growth` grows one database to, in order.
     #[arg(
@@ -157,7 +170,12 @@ async fn main() -> anyhow::Result<()> {
         encryption::run(&args, &mut rows).await?;
     }
 
-    // 8. Cost as the log grows: only when asked for (long, and it takes disk).
+    // 8. The partitioned projector: one log folded from 0 with 1, 2 and 4 partitions.
+    if only("partitions") {
+        partitions::run(&args, &mut rows).await?;
+    }
+
+    // 9. Cost as the log grows: only when asked for (long, and it takes disk).
     if args.only.as_deref() == Some("growth") {
         growth::run(&args, &mut rows).await?;
     }

@@ -22,15 +22,17 @@ pub fn start_server(
     database_url: &str,
     role: &str,
 ) -> anyhow::Result<(std::process::Child, String)> {
-    start_server_with(binary, database_url, role, true)
+    start_server_with(binary, database_url, role, true, &[])
 }
 
-/// [`start_server`], with encryption at rest on (`encrypted`) or off: see [`with_data_keys`].
+/// [`start_server`], with encryption at rest on (`encrypted`) or off (see [`with_data_keys`]),
+/// and the settings in `env` besides.
 pub fn start_server_with(
     binary: &str,
     database_url: &str,
     role: &str,
     encrypted: bool,
+    env: &[(&str, &str)],
 ) -> anyhow::Result<(std::process::Child, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -44,7 +46,8 @@ pub fn start_server_with(
         // The query API without a token, on loopback only: the load generator reads it without one.
         .env("ALLOW_OPEN_API", "true")
         .env("DATABASE_MAX_CONNECTIONS", "32")
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied());
     let server = with_data_keys(&mut server, encrypted)
         .stdin(Stdio::null())
         .stderr(server_log()?)

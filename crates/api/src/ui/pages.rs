@@ -648,6 +648,8 @@ struct HealthPage {
     checkpoint: i64,
     lag: i64,
     leader: Option<String>,
+    /// With `PROJECTOR_PARTITIONS` > 1: each partition, its checkpoint and its leader.
+    partitions: Vec<PartitionRow>,
     quarantined: i64,
     quarantine: Vec<QuarantineRow>,
     enricher: Option<String>,
@@ -655,6 +657,12 @@ struct HealthPage {
     enrichments_pending: i64,
     notifier: Option<String>,
     subscribers: Vec<SubscriberRow>,
+}
+
+struct PartitionRow {
+    index: u16,
+    checkpoint: i64,
+    leader: Option<String>,
 }
 
 /// The most quarantined events the health page lists.
@@ -685,6 +693,17 @@ pub(crate) async fn health(
         .await
         .map_err(crate::Problem::from)?;
     let leader = named(holder(&mut primary, Lock::Leader).await?);
+    let layout = store::partitions::layout(&mut conn).await?;
+    let mut partitions = vec![];
+    if layout.partitions() > 1 {
+        for (part, checkpoint) in layout.parts() {
+            partitions.push(PartitionRow {
+                index: part.index,
+                checkpoint,
+                leader: named(holder(&mut primary, part.lock()).await?),
+            });
+        }
+    }
     let enricher = named(holder(&mut primary, Lock::Enricher).await?);
     let notifier = named(holder(&mut primary, Lock::Notifier).await?);
     primary.release();
@@ -700,6 +719,7 @@ pub(crate) async fn health(
         checkpoint,
         lag: head - checkpoint,
         leader,
+        partitions,
         quarantined,
         quarantine: quarantine
             .into_iter()
