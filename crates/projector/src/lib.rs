@@ -1,19 +1,25 @@
 //! The projector: folds the event log into account snapshots, one batch at a time.
 //!
 //! # Layout
-//! - [`run`]: the long-running loop. It stands by ([`store::leader::run_as_leader`]) until it holds
-//!   the leader lock, then catches up
-//!   from the checkpoint, and waits for an append notification (or the poll interval) to go again.
-//! - [`run_batch`]: one step: read up to `batch_size` events after the checkpoint, fold them with
-//!   [`domain::step`], write each changed snapshot once and the new checkpoint in one transaction.
-//! - [`rebuild`]: refolding every snapshot from position 0 into a shadow table and swapping it in,
-//!   and verifying the live snapshots against a fresh fold, both in constant memory.
+//! - [`run`]: the long-running loop. It waits until the projection's stored layout is
+//!   `PROJECTOR_PARTITIONS` ([`layout`]), then stands by for every part at once
+//!   ([`store::leader::run_as_leader`]), and leads each part whose lock it holds: catches up from
+//!   that part's checkpoint, and waits for an append notification (or the poll interval) to go
+//!   again. With one partition the part is the whole projection, and that is one leader.
+//! - [`run_batch`]: one step of one part: read up to `batch_size` of its events after its
+//!   checkpoint, fold them with [`domain::step`], write each changed snapshot once and the new
+//!   checkpoint in one transaction (`store::partitions` keeps the projection's checkpoint at the
+//!   lowest part's).
+//! - [`rebuild`]: refolding every snapshot (or one partition's) from position 0 into a shadow table
+//!   and swapping it in, and verifying the live snapshots against a fresh fold, both in constant
+//!   memory.
 //!
-//! # Why at most one writer, and why a crash loses nothing
+//! # Why at most one writer per part, and why a crash loses nothing
 //! Leadership is a session advisory lock, and every batch runs on the very connection that holds it:
 //! if that session dies, the lock and any uncommitted batch die with it, and a standby takes over
 //! from the last committed checkpoint. The checkpoint is also moved with compare-and-set, so a
-//! writer that somehow lost the lock still cannot commit over another's progress.
+//! writer that somehow lost the lock still cannot commit over another's progress. An account
+//! belongs to one part, so its events are folded in log order by one writer.
 
 #![forbid(unsafe_code)]
 

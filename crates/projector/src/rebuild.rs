@@ -4,16 +4,17 @@
 //! [`domain::apply`] (through the same [`fold_stored`] the projector uses), so memory stays constant
 //! however long the log is.
 //!
-//! - [`rebuild_all`] folds everything up to the head into the shadow table `account_snapshots_rebuild`
-//!   without disturbing anyone, then, in one transaction holding the projector's checkpoint row lock
-//!   (which pauses the live projector between two of its batches), catches the shadow up to the live
-//!   checkpoint and copies it over the live table. Readers see the old snapshots until that commit and
-//!   the new ones after; the live projector then resumes from the checkpoint the rebuild left.
-//!   Ingest is never blocked.
+//! - [`rebuild_all`] folds everything up to the head (or one partition's accounts) into the shadow
+//!   table `account_snapshots_rebuild` without disturbing anyone, then, in one transaction holding
+//!   the checkpoint rows it covers (which pauses the live projector between two of its batches),
+//!   catches each account up to its own partition's live checkpoint and copies the shadow over the
+//!   live table. Readers see the old snapshots until that commit and the new ones after; the live
+//!   projector then resumes from the checkpoints the rebuild left. Ingest is never blocked.
 //! - [`rebuild_account`] does the same for one account, directly in the live table.
 //! - [`verify`] writes nothing: inside one consistent snapshot of the database (shared by two sessions
-//!   through `pg_export_snapshot`), it merges the fresh fold with the live snapshots, both in account
-//!   order, and reports every account whose snapshot differs, is missing, or should not exist.
+//!   through `pg_export_snapshot`), it merges the fresh fold (each account up to its own partition's
+//!   checkpoint) with the live snapshots, both in account order, and reports every account whose
+//!   snapshot differs, is missing, or should not exist.
 
 use futures_util::TryStreamExt;
 use store::PgPool;
