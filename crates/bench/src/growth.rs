@@ -5,7 +5,8 @@
 //! first, so its rows age as the log grows), and `rebuild` of the whole log. Each figure's baseline
 //! is the same figure at the first size, in the same run. Beside them, what explains a curve: the
 //! dedup lookup's plan and time, the sizes of the log and its indexes, and the snapshot table's
-//! dead rows and HOT updates (its bloat under sustained load).
+//! dead rows and HOT updates (its bloat under sustained load). With `--growth-vacuum` the snapshot
+//! table is vacuumed once the projector has folded each load, as autovacuum would, to tell its bloat from the log's size.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +79,10 @@ async fn measure(
     let outcome = async {
         wait_ready(&base).await?;
         wait_projected(pool).await?;
+        // The projector has just folded the load: what autovacuum would do next.
+        if args.growth_vacuum {
+            crate::pg::psql_file(url, "benches/pgbench/vacuum_snapshots.sql", &[])?;
+        }
         let events = store::log::counts(&mut *pool.acquire().await?).await?.events;
         // Ingest flat out: traffic of its own (a seed per size, so no body repeats an earlier
         // size's), with the projector folding beside it.

@@ -127,6 +127,9 @@ struct Args {
     /// Accounts those events are spread over at the largest size (fewer, in proportion, before).
     #[arg(long, default_value_t = 300_000)]
     growth_accounts: usize,
+    /// Vacuum the snapshot table after each load of `--only growth` (as autovacuum would).
+    #[arg(long)]
+    growth_vacuum: bool,
 }
 
 #[tokio::main]
